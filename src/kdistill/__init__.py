@@ -1,0 +1,62 @@
+"""kdistill: knowledge distillation for PyTorch, with the API of ModelOpt's ``distill``.
+
+``import kdistill as mtd`` (and ``import kdistill as mto`` for save/restore) runs code written
+for ``modelopt.torch.distill`` / ``modelopt.torch.opt``.
+"""
+
+from .balancers import DistillationLossBalancer as DistillationLossBalancer
+from .balancers import StaticLossBalancer as StaticLossBalancer
+from .balancers import get_balancer as get_balancer
+from .balancers import list_balancers as list_balancers
+from .balancers import register_balancer as register_balancer
+from .checkpoint import mode_state as mode_state
+from .checkpoint import restore as restore
+from .checkpoint import restore_from_mode_state as restore_from_mode_state
+from .checkpoint import save as save
+from .config import ExportStudentConfig as ExportStudentConfig
+from .config import KDLossConfig as KDLossConfig
+from .config import LayerwiseKDConfig as LayerwiseKDConfig
+from .conversion import convert as convert
+from .conversion import export as export
+from .losses import LogitsDistillationLoss as LogitsDistillationLoss
+from .losses import MFTLoss as MFTLoss
+from .losses import MGDLoss as MGDLoss
+from .losses import get_loss as get_loss
+from .losses import list_losses as list_losses
+from .losses import register_loss as register_loss
+from .model import DistillationModel as DistillationModel
+from .modes import list_modes as list_modes
+
+__version__ = "0.1.0"
+
+# ModelOpt's names for the mode state (``modelopt.torch.opt``), kept for migrating users.
+modelopt_state = mode_state
+restore_from_modelopt_state = restore_from_mode_state
+
+__all__ = [
+    "DistillationLossBalancer",
+    "DistillationModel",
+    "ExportStudentConfig",
+    "KDLossConfig",
+    "LayerwiseKDConfig",
+    "LogitsDistillationLoss",
+    "MFTLoss",
+    "MGDLoss",
+    "StaticLossBalancer",
+    "__version__",
+    "convert",
+    "export",
+    "get_balancer",
+    "get_loss",
+    "list_balancers",
+    "list_losses",
+    "list_modes",
+    "mode_state",
+    "modelopt_state",
+    "register_balancer",
+    "register_loss",
+    "restore",
+    "restore_from_mode_state",
+    "restore_from_modelopt_state",
+    "save",
+]

@@ -1,0 +1,92 @@
+"""``convert`` and ``export``: the entry points of ``modelopt.torch.distill``."""
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from .model import DistillationModel
+from .modes import get_mode
+
+__all__ = ["convert", "export", "normalize_modes"]
+
+
+def normalize_modes(mode: Any) -> list[tuple[str, Any]]:
+    """Accept ``[("kd_loss", cfg)]``, ``("kd_loss", cfg)``, ``{"kd_loss": cfg}`` or ``"name"``.
+
+    Returns:
+        A list of ``(mode_name, raw_config)``; names are checked against the mode registry.
+    """
+    if isinstance(mode, str):
+        items: list[Any] = [(mode, None)]
+    elif isinstance(mode, Mapping):
+        items = list(mode.items())
+    elif isinstance(mode, tuple) and len(mode) == 2 and isinstance(mode[0], str):
+        items = [mode]
+    elif isinstance(mode, list | tuple):
+        items = [(m, None) if isinstance(m, str) else m for m in mode]
+    else:
+        raise TypeError(
+            f"`mode` must be a mode name, a (name, config) tuple, a list of them or a dict, got "
+            f"{type(mode).__name__}. Example: mode=[('kd_loss', config)]."
+        )
+    if not items:
+        raise ValueError("`mode` is empty: give at least one mode, e.g. [('kd_loss', config)].")
+    result = []
+    for item in items:
+        if not (isinstance(item, tuple | list) and len(item) == 2):
+            raise TypeError(f"Each mode must be a (name, config) pair or a name, got {item!r}.")
+        get_mode(item[0])  # unknown names raise here, before anything changes
+        result.append((item[0], item[1]))
+    return result
+
+
+def convert(model: nn.Module, mode: Any) -> nn.Module:
+    """Convert ``model`` for distillation, **in place**, and return the same object.
+
+    The model's class becomes a generated subclass of both ``DistillationModel`` and its own
+    class, so ``isinstance(model, StudentCls)`` keeps holding. Every config is validated before
+    anything changes: a failed ``convert`` leaves the model exactly as it was.
+
+    Args:
+        model: The student.
+        mode: ``[("kd_loss", config)]`` (also ``("kd_loss", config)``, ``{"kd_loss": config}``,
+            or a mode name alone when its config has only defaults). Modes: ``"kd_loss"``,
+            ``"layerwise_kd"``, ``"export_student"``.
+
+    Returns:
+        ``model``, now a ``DistillationModel``.
+
+    Raises:
+        ValueError: Unknown mode / config key / layer name, missing field, bad weights.
+        TypeError: A value of the wrong type (e.g. a criterion that is not an ``nn.Module``).
+        RuntimeError: The model is already converted.
+
+    Example:
+        >>> import torch, kdistill as mtd
+        >>> student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        >>> model = mtd.convert(student, mode=[("kd_loss", {
+        ...     "teacher_model": teacher, "criterion": mtd.LogitsDistillationLoss()})])
+        >>> isinstance(model, torch.nn.Linear) and isinstance(model, mtd.DistillationModel)
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+    modes = normalize_modes(mode)
+    configs = [(get_mode(name), get_mode(name).config_class.from_user(cfg, name)) for name, cfg in modes]
+    for descriptor, config in configs:
+        model = descriptor.apply(model, config)
+        if isinstance(model, DistillationModel):
+            model._kd_modes.append((descriptor.name, config))
+    return model
+
+
+def export(model: nn.Module) -> nn.Module:
+    """Return the plain student: hooks, teacher, loss modules and temporary state removed.
+
+    Works in place and returns the same object, now an instance of the student's own class.
+
+    Raises:
+        RuntimeError: ``model`` is not a DistillationModel.
+    """
+    return get_mode("export_student").apply(model, get_mode("export_student").config_class())
