@@ -97,8 +97,9 @@ def _read_checkpoint(f: FileLike) -> tuple[dict, dict]:
         raise FileNotFoundError(f"Checkpoint file not found: {name}.") from None
     except Exception as err:  # torch raises many types for corrupt/truncated/unsafe files
         raise ValueError(
-            f"Cannot read kdistill checkpoint {name}: the file is corrupt, truncated or not a "
-            f"torch checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
+            f"Cannot read kdistill checkpoint {name}: the file is corrupt, truncated, not a torch "
+            "checkpoint, or holds pickled objects that safe (weights_only) loading refuses "
+            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})."
         ) from err
     if not isinstance(checkpoint, Mapping) or _STATE_KEY not in checkpoint:
         hint = ""
