@@ -38,7 +38,9 @@ def _torch_loss_classes() -> dict[str, type[nn.Module]]:
     return {
         name: obj
         for name, obj in vars(torch_losses).items()
-        if isinstance(obj, type) and issubclass(obj, torch_losses._Loss) and not name.startswith("_")
+        if isinstance(obj, type)
+        and issubclass(obj, torch_losses._Loss)
+        and not name.startswith("_")
     }
 
 
@@ -55,8 +57,10 @@ def check_json_value(value: Any, what: str) -> Any:
 
 
 def constructor_args(obj: nn.Module) -> dict[str, Any]:
-    """Constructor arguments of ``obj``: ``obj.get_config()`` if defined, else the attributes
-    named like its ``__init__`` parameters (parameters without such an attribute keep defaults).
+    """Constructor arguments of ``obj``, as JSON values.
+
+    ``obj.get_config()`` if defined, else the attributes named like its ``__init__`` parameters
+    (parameters without such an attribute keep their defaults).
     """
     if hasattr(obj, "get_config"):
         args = dict(obj.get_config())
@@ -78,9 +82,12 @@ def constructor_args(obj: nn.Module) -> dict[str, Any]:
 def describe_object(obj: nn.Module, registry: Registry, allow_torch_losses: bool = False) -> dict:
     """Record ``obj`` as ``{"name": registered_name, "args": {...}}``."""
     name = registry.name_of(type(obj))
-    if name is None and allow_torch_losses:
-        if _torch_loss_classes().get(type(obj).__name__) is type(obj):
-            name = _TORCH_LOSS_PREFIX + type(obj).__name__
+    if (
+        name is None
+        and allow_torch_losses
+        and _torch_loss_classes().get(type(obj).__name__) is type(obj)
+    ):
+        name = _TORCH_LOSS_PREFIX + type(obj).__name__
     if name is None:
         fix = (
             f"kdistill.register_loss('my_name', {type(obj).__name__})"
@@ -103,8 +110,7 @@ def build_object(record: Any, registry: Registry, allow_torch_losses: bool = Fal
         and isinstance(record["args"], dict)
     ):
         raise ValueError(
-            f"Malformed {registry.kind} record {record!r}: expected "
-            '{"name": str, "args": dict}.'
+            f'Malformed {registry.kind} record {record!r}: expected {{"name": str, "args": dict}}.'
         )
     name = record["name"]
     if allow_torch_losses and name.startswith(_TORCH_LOSS_PREFIX):
@@ -167,7 +173,9 @@ def resolve_factory(module_name: str, qualname: str) -> Callable[..., Any]:
             f"restoring, or: {fix}"
         )
     if module_name.split(".")[0] == "kdistill" and not module_name.startswith("kdistill.testing"):
-        raise ValueError(f"Refusing to call kdistill's own function {where} from a checkpoint. {fix}")
+        raise ValueError(
+            f"Refusing to call kdistill's own function {where} from a checkpoint. {fix}"
+        )
     obj: Any = module
     for part in qualname.split("."):
         # static lookups: never trigger a module's lazy __getattr__ (which could import code)

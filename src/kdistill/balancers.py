@@ -84,7 +84,7 @@ class StaticLossBalancer(DistillationLossBalancer):
     Example:
         >>> import torch
         >>> balancer = StaticLossBalancer(kd_loss_weight=0.25)
-        >>> losses = {"student_loss": torch.tensor(4.0), "LogitsDistillationLoss_0": torch.tensor(8.0)}
+        >>> losses = {"student_loss": torch.tensor(4.0), "KDLoss_0": torch.tensor(8.0)}
         >>> float(balancer(losses))
         5.0
     """
@@ -109,7 +109,9 @@ class StaticLossBalancer(DistillationLossBalancer):
                 f"got {kd_loss_weight!r} summing to {sum(weights)}."
             )
         self.kd_loss_weight = (
-            kd_loss_weight if isinstance(kd_loss_weight, int | float) else [float(w) for w in weights]
+            kd_loss_weight
+            if isinstance(kd_loss_weight, int | float)
+            else [float(w) for w in weights]
         )
         self._weights = [float(w) for w in weights]
         self._student_weight = max(0.0, 1.0 - sum(self._weights))

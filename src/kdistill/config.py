@@ -90,8 +90,8 @@ class TeacherSpec:
             raise ValueError(f"Malformed teacher record {record!r}.")
         if record["kind"] == "instance":
             raise ValueError(
-                f"The teacher was an instance of {record.get('class')!r} when saved, so it cannot be "
-                "rebuilt from the checkpoint. Pass it: restore(model, f, teacher_model=teacher)."
+                f"The teacher was an instance of {record.get('class')!r} when saved, so it cannot "
+                "be rebuilt from the checkpoint. Pass it: restore(model, f, teacher_model=teacher)."
             )
         if record["kind"] == "unrecorded":
             raise ValueError(
@@ -99,7 +99,11 @@ class TeacherSpec:
                 f"({record.get('reason')}). Pass it: restore(model, f, teacher_model=...)."
             )
         args, kwargs = record.get("args", []), record.get("kwargs", {})
-        if record["kind"] != "factory" or not isinstance(args, list) or not isinstance(kwargs, dict):
+        if (
+            record["kind"] != "factory"
+            or not isinstance(args, list)
+            or not isinstance(kwargs, dict)
+        ):
             raise ValueError(f"Malformed teacher record {record!r}.")
         factory = resolve_factory(record.get("module"), record.get("qualname"))
         return cls(factory=factory, args=tuple(args), kwargs=dict(kwargs))
@@ -111,7 +115,9 @@ def _callable_name(fn: Any) -> str:
 
 def _parse_teacher(value: Any, errors: _ConfigErrors) -> TeacherSpec | None:
     if value is None:
-        errors.add(ValueError, "missing required field `teacher_model` (a module, class or factory).")
+        errors.add(
+            ValueError, "missing required field `teacher_model` (a module, class or factory)."
+        )
         return None
     if isinstance(value, TeacherSpec):
         return value
@@ -234,11 +240,15 @@ class KDLossConfig:
 
     teacher_model: Any = field(
         default=None,
-        metadata={"description": "nn.Module, class, zero-argument callable, or (fn, args, kwargs)."},
+        metadata={
+            "description": "nn.Module, class, zero-argument callable, or (fn, args, kwargs)."
+        },
     )
     criterion: Any = field(
         default=None,
-        metadata={"description": "A loss (output to output) or {(student_layer, teacher_layer): loss}."},
+        metadata={
+            "description": "A loss (output to output) or {(student_layer, teacher_layer): loss}."
+        },
     )
     loss_balancer: Any = field(
         default=None,
@@ -268,7 +278,9 @@ class KDLossConfig:
         errors = _ConfigErrors()
         for key in value:
             if key not in cls.field_names():
-                errors.add(ValueError, unknown_name_message("config key", str(key), cls.field_names()))
+                errors.add(
+                    ValueError, unknown_name_message("config key", str(key), cls.field_names())
+                )
         teacher = _parse_teacher(value.get("teacher_model"), errors)
         criterion = _parse_criterion(value.get("criterion"), errors)
         balancer = value.get("loss_balancer")
@@ -276,7 +288,8 @@ class KDLossConfig:
         expose = value.get("expose_minimal_state_dict", True)
         if not isinstance(expose, bool):
             errors.add(
-                TypeError, f"`expose_minimal_state_dict` must be a bool, got {type(expose).__name__}."
+                TypeError,
+                f"`expose_minimal_state_dict` must be a bool, got {type(expose).__name__}.",
             )
         errors.raise_if_any(f"Invalid config for mode {mode!r}")
         return cls(
@@ -310,9 +323,7 @@ class KDLossConfig:
         }
 
     @classmethod
-    def from_json(
-        cls, record: Any, mode: str, teacher_model: Any = None
-    ) -> "KDLossConfig":
+    def from_json(cls, record: Any, mode: str, teacher_model: Any = None) -> "KDLossConfig":
         """Rebuild a config from ``to_json`` output; ``teacher_model`` overrides the record."""
         expected = {"teacher_model", "criterion", "loss_balancer", "expose_minimal_state_dict"}
         if not isinstance(record, dict) or set(record) != expected:
@@ -321,7 +332,11 @@ class KDLossConfig:
             raise ValueError(f"Malformed {mode!r} config record: `criterion` must be a list.")
         criterion = {}
         for item in record["criterion"]:
-            if not isinstance(item, dict) or set(item) != {"student_layer", "teacher_layer", "loss"}:
+            if not isinstance(item, dict) or set(item) != {
+                "student_layer",
+                "teacher_layer",
+                "loss",
+            }:
                 raise ValueError(f"Malformed criterion entry {item!r}.")
             key = (item["student_layer"], item["teacher_layer"])
             criterion[key] = build_object(item["loss"], LOSSES, allow_torch_losses=True)
@@ -373,7 +388,9 @@ class ExportStudentConfig:
             return cls()
         if isinstance(value, Mapping):
             raise ValueError(f"Mode {mode!r} takes no config keys, got {sorted(map(str, value))}.")
-        raise TypeError(f"Config of mode {mode!r} must be a dict or None, got {type(value).__name__}.")
+        raise TypeError(
+            f"Config of mode {mode!r} must be a dict or None, got {type(value).__name__}."
+        )
 
     def to_json(self) -> dict:
         """No fields: an empty record."""
@@ -383,4 +400,3 @@ class ExportStudentConfig:
     def from_json(cls, record: Any, mode: str, teacher_model: Any = None) -> "ExportStudentConfig":
         """Rebuild from an empty record."""
         return cls.from_user(record, mode)
-

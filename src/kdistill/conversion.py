@@ -73,7 +73,9 @@ def convert(model: nn.Module, mode: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
     modes = normalize_modes(mode)
-    configs = [(get_mode(name), get_mode(name).config_class.from_user(cfg, name)) for name, cfg in modes]
+    configs = [
+        (get_mode(name), get_mode(name).config_class.from_user(cfg, name)) for name, cfg in modes
+    ]
     for descriptor, config in configs:
         model = descriptor.apply(model, config)
         if isinstance(model, DistillationModel):

@@ -70,7 +70,7 @@ class _Capture:
 
 
 class _InjectTeacherInputs:
-    """Forward pre-hook replacing a student layer's inputs with its teacher layer's (layerwise KD)."""
+    """Forward pre-hook giving a student layer its teacher layer's inputs (layerwise KD)."""
 
     def __init__(self, teacher_capture: _Capture) -> None:
         self.teacher_capture = teacher_capture
@@ -357,9 +357,7 @@ class DistillationModel(nn.Module):
                 "model (outside only_student_forward / only_teacher_forward) before "
                 "compute_kd_loss(), once per call."
             )
-        unused = set(loss_kwargs) - {
-            k for p in self._kd_pairs for k in p.kwargs_for(loss_kwargs)
-        }
+        unused = set(loss_kwargs) - {k for p in self._kd_pairs for k in p.kwargs_for(loss_kwargs)}
         if unused:
             raise TypeError(
                 f"compute_kd_loss() got keyword(s) {sorted(unused)} that no loss accepts. "
@@ -368,8 +366,8 @@ class DistillationModel(nn.Module):
         if student_loss is not None and self._kd_balancer is None and not skip_balancer:
             raise ValueError(
                 "compute_kd_loss() got `student_loss` but the model has no loss balancer to "
-                "combine it with the KD loss. Convert with `loss_balancer=StaticLossBalancer(...)`, "
-                "or add the losses yourself."
+                "combine it with the KD loss. Convert with "
+                "`loss_balancer=StaticLossBalancer(...)`, or add the losses yourself."
             )
         loss_dict: dict[str, Tensor] = {}
         if student_loss is not None:

@@ -31,8 +31,12 @@ def test_student_loss_reduction_fn_is_applied():
 
 @pytest.mark.parametrize(
     ("weight", "error", "match"),
-    [(-0.1, ValueError, "non-negative"), ([0.7, 0.6], ValueError, "at most 1"),
-     ("0.5", TypeError, "number"), ([], TypeError, "non-empty")],
+    [
+        (-0.1, ValueError, "non-negative"),
+        ([0.7, 0.6], ValueError, "at most 1"),
+        ("0.5", TypeError, "number"),
+        ([], TypeError, "non-empty"),
+    ],
     ids=["negative", "sum_above_one", "string", "empty"],
 )
 def test_static_balancer_validation(weight, error, match):

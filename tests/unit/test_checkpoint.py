@@ -29,8 +29,10 @@ class NotALoss(nn.Module):
 
 
 def converted(teacher=(make_teacher, (32,)), **config):
-    config.setdefault("criterion", {
-        ("fc2", "fc2"): nn.MSELoss(), ("", ""): mto.LogitsDistillationLoss(3.0, reduction="sum")})
+    config.setdefault(
+        "criterion",
+        {("fc2", "fc2"): nn.MSELoss(), ("", ""): mto.LogitsDistillationLoss(3.0, reduction="sum")},
+    )
     config.setdefault("loss_balancer", mto.StaticLossBalancer([0.25, 0.5]))
     return mto.convert(TinyMLP(), mode=[("kd_loss", {"teacher_model": teacher, **config})])
 
@@ -46,7 +48,9 @@ def test_round_trip_gives_identical_outputs_losses_and_keys(tmp_path):
     torch.testing.assert_close(restored(x), model(x))
     torch.testing.assert_close(restored.teacher_model(x), model.teacher_model(x))
     y = torch.tensor(1.0)
-    torch.testing.assert_close(restored.compute_kd_loss(student_loss=y), model.compute_kd_loss(student_loss=y))
+    torch.testing.assert_close(
+        restored.compute_kd_loss(student_loss=y), model.compute_kd_loss(student_loss=y)
+    )
     assert FACTORY_CALLS[-1] == (32,)
     assert mto.mode_state(restored) == mto.mode_state(model)
 
@@ -60,8 +64,18 @@ def test_checkpoint_never_contains_teacher_weights(tmp_path):
 
 
 def test_loss_module_parameters_round_trip(tmp_path):
-    model = mto.convert(TinyCNN(1, 4), mode=[("kd_loss", {
-        "teacher_model": (TinyCNN, (1, 6)), "criterion": {("conv2", "conv2"): mto.MGDLoss(4, 6)}})])
+    model = mto.convert(
+        TinyCNN(1, 4),
+        mode=[
+            (
+                "kd_loss",
+                {
+                    "teacher_model": (TinyCNN, (1, 6)),
+                    "criterion": {("conv2", "conv2"): mto.MGDLoss(4, 6)},
+                },
+            )
+        ],
+    )
     with torch.no_grad():
         model.loss_modules[0].align.weight.fill_(0.5)
     mto.save(model, tmp_path / "m.pt")
@@ -78,7 +92,9 @@ def test_checkpoint_loads_weights_only_in_fresh_process(tmp_path):
         assert set(ckpt) == {{"kdistill_state", "model_state_dict"}}
         print(ckpt["kdistill_state"]["modes"][0]["mode"])
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "kd_loss"
 
@@ -118,11 +134,21 @@ def test_exported_and_plain_models_round_trip(tmp_path):
 
 
 def test_layerwise_round_trip(tmp_path):
-    model = mto.convert(TinyMLP(), mode=[("layerwise_kd", {
-        "teacher_model": make_teacher, "criterion": {("fc2", "fc2"): nn.MSELoss()}})])
+    model = mto.convert(
+        TinyMLP(),
+        mode=[
+            (
+                "layerwise_kd",
+                {"teacher_model": make_teacher, "criterion": {("fc2", "fc2"): nn.MSELoss()}},
+            )
+        ],
+    )
     mto.save(model, tmp_path / "l.pt")
     restored = mto.restore(TinyMLP(), tmp_path / "l.pt")
-    assert [n for n, p in restored.named_parameters() if p.requires_grad] == ["fc2.weight", "fc2.bias"]
+    assert [n for n, p in restored.named_parameters() if p.requires_grad] == [
+        "fc2.weight",
+        "fc2.bias",
+    ]
 
 
 def test_mode_state_round_trip_without_weights():
@@ -158,7 +184,11 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- bad files
 def snapshot(model):
-    return type(model), {k: v.clone() for k, v in model.state_dict().items()}, sorted(model.__dict__)
+    return (
+        type(model),
+        {k: v.clone() for k, v in model.state_dict().items()},
+        sorted(model.__dict__),
+    )
 
 
 def assert_untouched(model, before):
@@ -184,8 +214,12 @@ def write_bad(path, kind):
 
 @pytest.mark.parametrize(
     ("kind", "match"),
-    [("truncated", "corrupt, truncated"), ("corrupt", "corrupt, truncated"),
-     ("plain_state_dict", "plain state dict"), ("pickled_object", "corrupt, truncated")],
+    [
+        ("truncated", "corrupt, truncated"),
+        ("corrupt", "corrupt, truncated"),
+        ("plain_state_dict", "plain state dict"),
+        ("pickled_object", "corrupt, truncated"),
+    ],
 )
 def test_bad_files_raise_naming_file_and_leave_model_untouched(tmp_path, kind, match):
     path = tmp_path / "bad.pt"
@@ -199,7 +233,7 @@ def test_bad_files_raise_naming_file_and_leave_model_untouched(tmp_path, kind, m
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt"):
         mto.restore(TinyMLP(), tmp_path / "nope.pt")
 
 
@@ -224,16 +258,24 @@ def tampered(tmp_path, module, qualname, args):
     mto.save(converted(), path)
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["kdistill_state"]["modes"][0]["config"]["teacher_model"].update(
-        module=module, qualname=qualname, args=args, kwargs={})
+        module=module, qualname=qualname, args=args, kwargs={}
+    )
     torch.save(checkpoint, path)
     return path
 
 
 @pytest.mark.parametrize(
     ("module", "qualname"),
-    [("os", "system"), ("builtins", "eval"), ("subprocess", "run"), ("torch", "load"),
-     ("shutil", "rmtree"), ("kdistill.checkpoint", "save"), ("not_imported_mod", "f"),
-     ("test_checkpoint", "make_teacher.__globals__")],
+    [
+        ("os", "system"),
+        ("builtins", "eval"),
+        ("subprocess", "run"),
+        ("torch", "load"),
+        ("shutil", "rmtree"),
+        ("kdistill.checkpoint", "save"),
+        ("not_imported_mod", "f"),
+        ("test_checkpoint", "make_teacher.__globals__"),
+    ],
 )
 def test_tampered_factory_is_refused_and_nothing_runs(tmp_path, module, qualname):
     marker = tmp_path / "pwned"

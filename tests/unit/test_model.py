@@ -102,14 +102,18 @@ def test_loss_reduction_fn_applied_to_each_kd_loss():
     x = torch.randn(5, 16)
     out = model(x)
     weights = torch.arange(5.0)
-    loss = model.compute_kd_loss(loss_reduction_fn=lambda l: (l * weights).sum())
+    loss = model.compute_kd_loss(loss_reduction_fn=lambda per: (per * weights).sum())
     per_sample = mtd.LogitsDistillationLoss(reduction="none")(out, model.teacher_model(x))
     torch.testing.assert_close(loss, (per_sample * weights).sum())
 
 
 def test_kwargs_reach_only_losses_that_accept_them():
     model = convert(
-        criterion={("", ""): LabelledLoss(), ("fc2", "fc2"): nn.MSELoss(), ("fc1", "fc1"): AnyKwargLoss()},
+        criterion={
+            ("", ""): LabelledLoss(),
+            ("fc2", "fc2"): nn.MSELoss(),
+            ("fc1", "fc1"): AnyKwargLoss(),
+        },
         loss_balancer=mtd.StaticLossBalancer([0.3, 0.3, 0.4]),
     )
     x, y = torch.randn(4, 16), torch.randint(0, 10, (4,))
@@ -178,19 +182,30 @@ def test_context_managers_are_reentrant_and_exception_safe():
     with model.only_student_forward():
         with model.only_student_forward(enable=False):
             assert model._kd_only_student
-        with pytest.raises(ValueError), model.only_teacher_forward():
-            raise ValueError
+        with pytest.raises(ValueError, match="inside"), model.only_teacher_forward():
+            raise ValueError("inside")
         assert not model._kd_only_teacher
     assert not model._kd_only_student
 
 
 def test_state_dict_hides_teacher_and_keeps_loss_modules():
     student = TinyCNN(1, 4)
-    model = mtd.convert(student, mode=[("kd_loss", {
-        "teacher_model": TinyCNN(1, 6),
-        "criterion": {("conv2", "conv2"): mtd.MGDLoss(4, 6), ("", ""): mtd.LogitsDistillationLoss()},
-        "loss_balancer": mtd.StaticLossBalancer([0.5, 0.5]),
-    })])
+    model = mtd.convert(
+        student,
+        mode=[
+            (
+                "kd_loss",
+                {
+                    "teacher_model": TinyCNN(1, 6),
+                    "criterion": {
+                        ("conv2", "conv2"): mtd.MGDLoss(4, 6),
+                        ("", ""): mtd.LogitsDistillationLoss(),
+                    },
+                    "loss_balancer": mtd.StaticLossBalancer([0.5, 0.5]),
+                },
+            )
+        ],
+    )
     keys = set(model.state_dict())
     student_keys = {k for k in keys if not k.startswith("_loss_modules.")}
     assert student_keys == set(TinyCNN(1, 4).state_dict())
@@ -217,11 +232,23 @@ def test_load_state_dict_accepts_plain_student_and_own_state():
 
 def test_loss_modules_in_criterion_order():
     losses = [mtd.MGDLoss(8, 8), mtd.LogitsDistillationLoss(), mtd.MGDLoss(8, 8, alpha_mgd=2.0)]
-    model = mtd.convert(TinyCNN(), mode=[("kd_loss", {
-        "teacher_model": TinyCNN(),
-        "criterion": {("conv1", "conv1"): losses[0], ("", ""): losses[1], ("conv2", "conv2"): losses[2]},
-        "loss_balancer": mtd.StaticLossBalancer([0.3, 0.3, 0.3]),
-    })])
+    model = mtd.convert(
+        TinyCNN(),
+        mode=[
+            (
+                "kd_loss",
+                {
+                    "teacher_model": TinyCNN(),
+                    "criterion": {
+                        ("conv1", "conv1"): losses[0],
+                        ("", ""): losses[1],
+                        ("conv2", "conv2"): losses[2],
+                    },
+                    "loss_balancer": mtd.StaticLossBalancer([0.3, 0.3, 0.3]),
+                },
+            )
+        ],
+    )
     assert list(model.loss_modules) == [losses[0], losses[2]]
 
 
@@ -249,8 +276,15 @@ def test_training_updates_student_only_and_every_student_param_gets_grad():
 def test_layerwise_feeds_teacher_inputs_and_trains_only_paired_layers():
     teacher = TinyMLP(16, 32, 10)
     student = TinyMLP(16, 32, 10)
-    model = mtd.convert(student, mode=[("layerwise_kd", {
-        "teacher_model": teacher, "criterion": {("fc2", "fc2"): nn.MSELoss()}})])
+    model = mtd.convert(
+        student,
+        mode=[
+            (
+                "layerwise_kd",
+                {"teacher_model": teacher, "criterion": {("fc2", "fc2"): nn.MSELoss()}},
+            )
+        ],
+    )
     x = torch.randn(4, 16)
     model(x)
     teacher_fc2_input = torch.relu(teacher.fc1(x))

@@ -25,7 +25,18 @@ def test_public_name_resolves_and_has_docstring(name):
 
 def test_modelopt_migration_names():
     # the names a modelopt.torch.distill / modelopt.torch.opt user calls
-    for name in ["convert", "export", "DistillationModel", "LogitsDistillationLoss", "MGDLoss",
-                 "MFTLoss", "StaticLossBalancer", "DistillationLossBalancer", "save", "restore",
-                 "modelopt_state", "restore_from_modelopt_state"]:
+    for name in [
+        "convert",
+        "export",
+        "DistillationModel",
+        "LogitsDistillationLoss",
+        "MGDLoss",
+        "MFTLoss",
+        "StaticLossBalancer",
+        "DistillationLossBalancer",
+        "save",
+        "restore",
+        "modelopt_state",
+        "restore_from_modelopt_state",
+    ]:
         assert hasattr(kdistill, name)

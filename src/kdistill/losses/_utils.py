@@ -96,9 +96,7 @@ def position_mask(
         keep = mask.to(torch.bool)
     if labels is not None and ignore_index is not None:
         if labels.shape != shape:
-            raise ValueError(
-                f"`labels` must have shape {tuple(shape)}, got {tuple(labels.shape)}."
-            )
+            raise ValueError(f"`labels` must have shape {tuple(shape)}, got {tuple(labels.shape)}.")
         keep_labels = labels != ignore_index
         keep = keep_labels if keep is None else keep & keep_labels
     return keep

@@ -86,7 +86,12 @@ class MGDLoss(nn.Module):
         return (noise <= 1 - self.lambda_mgd).to(device)
 
     def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
-        """Compute the loss for ``student_feats`` ``[B, C_s, H, W]``, ``teacher_feats`` ``[B, C_t, H, W]``."""
+        """Compute the loss.
+
+        Args:
+            student_feats: ``[B, C_s, H, W]``.
+            teacher_feats: ``[B, C_t, H, W]``, same B, H, W; detached here.
+        """
         _check_bchw(student_feats, "student")
         _check_bchw(teacher_feats, "teacher")
         teacher_feats = teacher_feats.detach()

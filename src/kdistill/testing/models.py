@@ -7,7 +7,7 @@ __all__ = ["TinyCNN", "TinyMLP", "tiny_cnn", "tiny_mlp"]
 
 
 class TinyMLP(nn.Module):
-    """``in_features -> hidden -> hidden -> num_classes`` MLP with ReLU; layers ``fc1``, ``fc2``, ``head``.
+    """A ``D -> hidden -> hidden -> C`` ReLU MLP with layers ``fc1``, ``fc2``, ``head``.
 
     Args:
         in_features: D of the input ``[B, D]``.
@@ -37,7 +37,7 @@ class TinyCNN(nn.Module):
 
     Args:
         in_channels: C of the input ``[B, C, H, W]``.
-        channels: Channels of both conv layers (the ``conv2`` feature map is ``[B, channels, H, W]``).
+        channels: Channels of both conv layers (``conv2`` outputs ``[B, channels, H, W]``).
         num_classes: Number of output logits.
     """
 
