@@ -5,6 +5,8 @@ for ``modelopt.torch.distill`` / ``modelopt.torch.opt``.
 """
 
 from .balancers import DistillationLossBalancer as DistillationLossBalancer
+from .balancers import DynamicLossBalancer as DynamicLossBalancer
+from .balancers import ScheduledLossBalancer as ScheduledLossBalancer
 from .balancers import StaticLossBalancer as StaticLossBalancer
 from .balancers import get_balancer as get_balancer
 from .balancers import list_balancers as list_balancers
@@ -18,9 +20,23 @@ from .config import KDLossConfig as KDLossConfig
 from .config import LayerwiseKDConfig as LayerwiseKDConfig
 from .conversion import convert as convert
 from .conversion import export as export
+from .losses import AttentionTransferLoss as AttentionTransferLoss
+from .losses import CosineLoss as CosineLoss
+from .losses import DKDLoss as DKDLoss
+from .losses import HintLoss as HintLoss
+from .losses import JSDLoss as JSDLoss
 from .losses import LogitsDistillationLoss as LogitsDistillationLoss
 from .losses import MFTLoss as MFTLoss
 from .losses import MGDLoss as MGDLoss
+from .losses import PKTLoss as PKTLoss
+from .losses import ReverseKLLoss as ReverseKLLoss
+from .losses import RKDLoss as RKDLoss
+from .losses import SimilarityPreservingLoss as SimilarityPreservingLoss
+from .losses import SkewKLLoss as SkewKLLoss
+from .losses import SkewReverseKLLoss as SkewReverseKLLoss
+from .losses import TopKLogitsKLLoss as TopKLogitsKLLoss
+from .losses import TopKTeacher as TopKTeacher
+from .losses import TVDLoss as TVDLoss
 from .losses import get_loss as get_loss
 from .losses import list_losses as list_losses
 from .losses import register_loss as register_loss
@@ -34,15 +50,31 @@ modelopt_state = mode_state
 restore_from_modelopt_state = restore_from_mode_state
 
 __all__ = [
+    "AttentionTransferLoss",
+    "CosineLoss",
+    "DKDLoss",
     "DistillationLossBalancer",
     "DistillationModel",
+    "DynamicLossBalancer",
     "ExportStudentConfig",
+    "HintLoss",
+    "JSDLoss",
     "KDLossConfig",
     "LayerwiseKDConfig",
     "LogitsDistillationLoss",
     "MFTLoss",
     "MGDLoss",
+    "PKTLoss",
+    "RKDLoss",
+    "ReverseKLLoss",
+    "ScheduledLossBalancer",
+    "SimilarityPreservingLoss",
+    "SkewKLLoss",
+    "SkewReverseKLLoss",
     "StaticLossBalancer",
+    "TVDLoss",
+    "TopKLogitsKLLoss",
+    "TopKTeacher",
     "__version__",
     "convert",
     "export",

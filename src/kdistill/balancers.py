@@ -1,10 +1,16 @@
 """Loss balancers: reduce the dict of KD losses (and the student's own loss) to one scalar.
 
 The interface follows ModelOpt 0.47 ``modelopt/torch/distill/loss_balancers.py``. Balancers hold
-no parameters, so a checkpoint records them by registered name and constructor arguments.
+no parameters, so a checkpoint records them by registered name and constructor arguments (a
+``ScheduledLossBalancer`` records its current step that way too).
+
+- ``DynamicLossBalancer``: detached magnitude matching, after Megatron-LM / ModelOpt's
+  ``LogitsAndIntermediatesLossBalancer`` (Apache-2.0), generalised to any reference term.
+- ``ScheduledLossBalancer``: ``StaticLossBalancer`` weights times a warm-up / cosine schedule.
 """
 
 import abc
+import math
 from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
@@ -14,6 +20,8 @@ from ._registry import Registry
 __all__ = [
     "STUDENT_LOSS_KEY",
     "DistillationLossBalancer",
+    "DynamicLossBalancer",
+    "ScheduledLossBalancer",
     "StaticLossBalancer",
     "get_balancer",
     "list_balancers",
@@ -126,19 +134,265 @@ class StaticLossBalancer(DistillationLossBalancer):
         student_loss, kd_losses = self._pop_student_loss(loss_dict)
         if len(kd_losses) != len(self._weights):
             raise ValueError(
-                f"StaticLossBalancer has {len(self._weights)} weight(s) but got "
+                f"{type(self).__name__} has {len(self._weights)} weight(s) but got "
                 f"{len(kd_losses)} KD loss(es): {list(kd_losses)}."
             )
-        total = sum(w * loss for w, loss in zip(self._weights, kd_losses.values(), strict=True))
-        if self._student_weight > 0:
+        weights, student_weight = self._current_weights()
+        total = sum(w * loss for w, loss in zip(weights, kd_losses.values(), strict=True))
+        if student_weight > 0:
             if student_loss is None:
                 raise ValueError(
-                    f"StaticLossBalancer gives the student loss weight {self._student_weight:g} "
+                    f"{type(self).__name__} gives the student loss weight {student_weight:g} "
                     "(1 − sum of kd_loss_weight), but no `student_loss` was passed to "
                     "`compute_kd_loss`. Pass `student_loss=...` or make the weights sum to 1."
                 )
-            total = total + self._student_weight * student_loss
+            total = total + student_weight * student_loss
+        return total  # type: ignore[return-value]
+
+    def _current_weights(self) -> tuple[list[float], float]:
+        """The KD weights and the student loss weight used by the next ``forward``."""
+        return self._weights, self._student_weight
+
+
+def _check_weight_list(value: float | Sequence[float], name: str) -> list[float]:
+    """One number or a non-empty list of non-negative numbers, as a list of floats."""
+    weights = [value] if isinstance(value, int | float) else list(value)
+    if not weights or not all(
+        isinstance(w, int | float) and not isinstance(w, bool) for w in weights
+    ):
+        raise TypeError(f"`{name}` must be a number or a non-empty list of numbers, got {value!r}.")
+    if any(w < 0 or not math.isfinite(w) for w in weights):
+        raise ValueError(f"`{name}` must be finite and non-negative, got {value!r}.")
+    return [float(w) for w in weights]
+
+
+class DynamicLossBalancer(DistillationLossBalancer):
+    """Rescale every loss term to the magnitude of a reference term, then apply fixed weights.
+
+    ``total = Σᵢ wᵢ · rᵢ · kdᵢ + w_s · r_s · student_loss`` with the detached ratio
+    ``r = |reference| / |term|`` (1 for the reference itself; the ratio carries no gradient, so
+    each term keeps its own gradient direction, only its scale changes). With the default
+    ``reference="student_loss"`` every KD term is brought to the student loss's magnitude, so the
+    weights say how much each term matters whatever its natural scale (a KL in nats next to an
+    MSE of hidden states). ``reference=i`` uses the i-th KD loss (criterion order) instead, like
+    Megatron's logits-and-intermediates balancer, which scales intermediate losses to the logit
+    loss. Terms are expected to be scalars.
+
+    Args:
+        kd_loss_weight: One weight for every KD loss, or one weight per KD loss in criterion order.
+        student_loss_weight: Weight of the student loss; 0 means it is ignored (and may be
+            omitted), as is needed when there is none.
+        reference: ``"student_loss"`` or the index of the KD loss that sets the magnitude.
+        eps: Floor of ``|term|`` in the ratio, so a zero term stays zero instead of dividing by 0.
+
+    Raises:
+        ValueError: Negative weights, an unknown reference, or (at compute time) a missing
+            student loss it needs or a weight count that does not match the KD losses.
+
+    Example:
+        >>> import torch
+        >>> balancer = DynamicLossBalancer(kd_loss_weight=0.5)
+        >>> losses = {"student_loss": torch.tensor(2.0), "KDLoss_0": torch.tensor(40.0)}
+        >>> float(balancer(losses))  # 0.5 · 40 · (2 / 40) + 1 · 2
+        3.0
+    """
+
+    def __init__(
+        self,
+        kd_loss_weight: float | Sequence[float] = 1.0,
+        student_loss_weight: float = 1.0,
+        reference: str | int = STUDENT_LOSS_KEY,
+        eps: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        weights = _check_weight_list(kd_loss_weight, "kd_loss_weight")
+        if isinstance(student_loss_weight, bool) or not isinstance(
+            student_loss_weight, int | float
+        ):
+            raise TypeError(f"`student_loss_weight` must be a number, got {student_loss_weight!r}.")
+        _check_weight_list(student_loss_weight, "student_loss_weight")
+        if reference != STUDENT_LOSS_KEY and (
+            isinstance(reference, bool) or not isinstance(reference, int) or reference < 0
+        ):
+            raise ValueError(
+                f"`reference` must be {STUDENT_LOSS_KEY!r} or the index (int >= 0) of a KD loss in "
+                f"criterion order, got {reference!r}."
+            )
+        if not isinstance(eps, int | float) or not eps > 0:
+            raise ValueError(f"`eps` must be a positive number, got {eps!r}.")
+        self.kd_loss_weight = (
+            float(kd_loss_weight) if isinstance(kd_loss_weight, int | float) else weights
+        )
+        self.student_loss_weight = float(student_loss_weight)
+        self.reference = reference
+        self.eps = float(eps)
+
+    @property
+    def num_weights(self) -> int | None:
+        """How many KD losses this balancer expects (``None``: one weight shared by all)."""
+        return None if isinstance(self.kd_loss_weight, float) else len(self.kd_loss_weight)
+
+    def forward(self, loss_dict: dict[str, Tensor]) -> Tensor:
+        """Return the weighted sum of the magnitude-matched terms of ``loss_dict``."""
+        student_loss, kd_losses = self._pop_student_loss(loss_dict)
+        kd_values = list(kd_losses.values())
+        if not kd_values:
+            raise ValueError("DynamicLossBalancer got no KD loss to balance.")
+        if isinstance(self.kd_loss_weight, float):
+            weights = [self.kd_loss_weight] * len(kd_values)
+        elif len(self.kd_loss_weight) != len(kd_values):
+            raise ValueError(
+                f"DynamicLossBalancer has {len(self.kd_loss_weight)} weight(s) but got "
+                f"{len(kd_values)} KD loss(es): {list(kd_losses)}."
+            )
+        else:
+            weights = self.kd_loss_weight
+        needs_student = self.reference == STUDENT_LOSS_KEY or self.student_loss_weight > 0
+        if needs_student and student_loss is None:
+            raise ValueError(
+                "DynamicLossBalancer needs the student loss (as reference or with "
+                f"student_loss_weight={self.student_loss_weight:g}), but none was passed to "
+                "`compute_kd_loss`. Pass `student_loss=...`, or use `reference=0` with "
+                "`student_loss_weight=0`."
+            )
+        if self.reference == STUDENT_LOSS_KEY:
+            reference = student_loss
+        elif self.reference < len(kd_values):
+            reference = kd_values[self.reference]
+        else:
+            raise ValueError(
+                f"DynamicLossBalancer `reference`={self.reference} but there are only "
+                f"{len(kd_values)} KD loss(es): {list(kd_losses)}."
+            )
+        magnitude = reference.detach().abs()
+
+        def matched(term: Tensor) -> Tensor:
+            if term is reference:
+                return term
+            return term * (magnitude / term.detach().abs().clamp(min=self.eps))
+
+        total = sum(w * matched(loss) for w, loss in zip(weights, kd_values, strict=True))
+        if self.student_loss_weight > 0:
+            total = total + self.student_loss_weight * matched(student_loss)
         return total  # type: ignore[return-value]
 
 
+_SCHEDULES = ("constant", "linear_warmup", "cosine")
+
+
+class ScheduledLossBalancer(StaticLossBalancer):
+    """``StaticLossBalancer`` whose KD weights follow a schedule over training steps.
+
+    At step t the KD weights are ``f(t)·wᵢ`` and the student loss gets ``1 − f(t)·Σw``:
+    ``total = Σ f(t)·wᵢ·kdᵢ + (1 − f(t)·Σw)·student_loss``. The factor f is
+
+    - ``"constant"``: 1 (then this is ``StaticLossBalancer``);
+    - ``"linear_warmup"``: ``start_factor + (1 − start_factor)·t / warmup_steps`` for
+      t < ``warmup_steps``, then 1 (e.g. DKD's warm-up);
+    - ``"cosine"``: the same warm-up, then ``final_factor + (1 − final_factor)·(1 + cos(π·u))/2``
+      with ``u = (t − warmup_steps) / (total_steps − warmup_steps)`` clipped to [0, 1], i.e. KD
+      annealed away towards the end of training.
+
+    Call ``step()`` once per optimizer step. The current step is a constructor argument, so
+    ``kdistill.save`` / ``restore`` resume the schedule where it stopped.
+
+    Args:
+        kd_loss_weight: Peak weight(s), as in ``StaticLossBalancer`` (sum at most 1).
+        schedule: ``"constant"``, ``"linear_warmup"`` or ``"cosine"``.
+        warmup_steps: Steps of linear warm-up (``"linear_warmup"`` / ``"cosine"``).
+        total_steps: Last step of the cosine decay (required for ``"cosine"``).
+        start_factor: f at step 0 of the warm-up, in [0, 1].
+        final_factor: f at the end of the cosine decay, in [0, 1].
+        current_step: Step to start from (restored checkpoints pass it back).
+
+    Example:
+        >>> import torch
+        >>> balancer = ScheduledLossBalancer(0.5, schedule="linear_warmup", warmup_steps=4)
+        >>> losses = {"student_loss": torch.tensor(1.0), "KDLoss_0": torch.tensor(3.0)}
+        >>> float(balancer(losses))  # f = 0: only the student loss
+        1.0
+        >>> for _ in range(2):
+        ...     balancer.step()
+        >>> float(balancer(losses))  # f = 0.5: weights 0.25 and 0.75
+        1.5
+    """
+
+    def __init__(
+        self,
+        kd_loss_weight: float | Sequence[float] = 0.5,
+        schedule: str = "linear_warmup",
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        start_factor: float = 0.0,
+        final_factor: float = 0.0,
+        current_step: int = 0,
+    ) -> None:
+        super().__init__(kd_loss_weight)
+        if schedule not in _SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {list(_SCHEDULES)}, got {schedule!r}.")
+        for name, value in (("warmup_steps", warmup_steps), ("current_step", current_step)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
+        for name, value in (("start_factor", start_factor), ("final_factor", final_factor)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
+        if schedule == "cosine" and (
+            isinstance(total_steps, bool)
+            or not isinstance(total_steps, int)
+            or total_steps <= warmup_steps
+        ):
+            raise ValueError(
+                f"schedule='cosine' needs `total_steps` (an int > warmup_steps={warmup_steps}), "
+                f"got {total_steps!r}."
+            )
+        if schedule == "constant" and warmup_steps:
+            raise ValueError(
+                f"schedule='constant' has no warm-up, got warmup_steps={warmup_steps}: use "
+                "schedule='linear_warmup'."
+            )
+        self.schedule = schedule
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.start_factor = float(start_factor)
+        self.final_factor = float(final_factor)
+        self.current_step = current_step
+
+    def get_config(self) -> dict:
+        """Constructor arguments as JSON values, including the current step."""
+        return {
+            "kd_loss_weight": self.kd_loss_weight,
+            "schedule": self.schedule,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "start_factor": self.start_factor,
+            "final_factor": self.final_factor,
+            "current_step": self.current_step,
+        }
+
+    def step(self) -> None:
+        """Advance the schedule by one step (call once per optimizer step)."""
+        self.current_step += 1
+
+    @property
+    def factor(self) -> float:
+        """The schedule's factor f(current_step), in [0, 1]."""
+        t = self.current_step
+        if self.schedule == "constant":
+            return 1.0
+        if t < self.warmup_steps:
+            return self.start_factor + (1 - self.start_factor) * t / self.warmup_steps
+        if self.schedule == "linear_warmup":
+            return 1.0
+        assert self.total_steps is not None, "validated in __init__"
+        progress = min((t - self.warmup_steps) / (self.total_steps - self.warmup_steps), 1.0)
+        return self.final_factor + (1 - self.final_factor) * (1 + math.cos(math.pi * progress)) / 2
+
+    def _current_weights(self) -> tuple[list[float], float]:
+        factor = self.factor
+        weights = [factor * w for w in self._weights]
+        return weights, max(0.0, 1.0 - sum(weights))
+
+
 register_balancer("static", StaticLossBalancer)
+register_balancer("dynamic", DynamicLossBalancer)
+register_balancer("scheduled", ScheduledLossBalancer)

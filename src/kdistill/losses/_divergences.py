@@ -11,7 +11,26 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["forward_kl", "generalized_jsd", "reverse_kl", "total_variation"]
+__all__ = [
+    "forward_kl",
+    "generalized_jsd",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "topk_forward_kl",
+    "topk_forward_kl_sparse",
+    "topk_log_tail_mass",
+    "total_variation",
+    "upcast",
+]
+
+
+def upcast(x: Tensor) -> Tensor:
+    """Promote half precision (float16/bfloat16) to float32; float32 and float64 stay as they are.
+
+    Loss math runs in at least float32; float64 inputs keep float64 so that ``gradcheck`` works.
+    """
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:
@@ -19,6 +38,17 @@ def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:
     p = p_log.exp()
     terms = torch.where(p > 0, p * (p_log - q_log), p.new_zeros(()))
     return terms.sum(-1)
+
+
+def _log_mixture(a_log: Tensor, b_log: Tensor, weight_a: float) -> Tensor:
+    """``log(w·a + (1−w)·b)`` from log-probabilities, computed stably with ``logsumexp``."""
+    if weight_a == 0.0:
+        return b_log
+    if weight_a == 1.0:
+        return a_log
+    return torch.logsumexp(
+        torch.stack([a_log + math.log(weight_a), b_log + math.log(1 - weight_a)]), dim=0
+    )
 
 
 def forward_kl(student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
@@ -43,10 +73,7 @@ def generalized_jsd(student_log_probs: Tensor, teacher_log_probs: Tensor, beta: 
         return forward_kl(student_log_probs, teacher_log_probs)
     if beta == 1.0:
         return reverse_kl(student_log_probs, teacher_log_probs)
-    mixture_log_probs = torch.logsumexp(
-        torch.stack([teacher_log_probs + math.log(beta), student_log_probs + math.log(1 - beta)]),
-        dim=0,
-    )
+    mixture_log_probs = _log_mixture(teacher_log_probs, student_log_probs, beta)
     return beta * _kl(teacher_log_probs, mixture_log_probs) + (1 - beta) * _kl(
         student_log_probs, mixture_log_probs
     )
@@ -55,3 +82,89 @@ def generalized_jsd(student_log_probs: Tensor, teacher_log_probs: Tensor, beta: 
 def total_variation(student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
     """Total variation distance ``½ Σ |p_T − p_S|``, in [0, 1]."""
     return 0.5 * (teacher_log_probs.exp() - student_log_probs.exp()).abs().sum(-1)
+
+
+def skew_forward_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, alpha: float) -> Tensor:
+    """Skew KL of DistiLLM (Ko et al., 2024, arXiv 2402.03898): ``KL(T ‖ α·T + (1−α)·S)``.
+
+    α = 0 is forward KL(T ‖ S); α = 1 is identically 0. The mixture keeps the student's
+    log-probability finite where the student puts (almost) no mass, which bounds the gradient.
+    """
+    return _kl(teacher_log_probs, _log_mixture(teacher_log_probs, student_log_probs, alpha))
+
+
+def skew_reverse_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, alpha: float) -> Tensor:
+    """Skew reverse KL of DistiLLM (Ko et al., 2024): ``KL(S ‖ (1−α)·T + α·S)``.
+
+    α = 0 is reverse KL(S ‖ T); α = 1 is identically 0.
+    """
+    return _kl(student_log_probs, _log_mixture(student_log_probs, teacher_log_probs, alpha))
+
+
+def topk_log_tail_mass(log_probs: Tensor, indices: Tensor) -> Tensor:
+    """``log(1 − Σ_{i ∈ indices} p_i)`` computed exactly as the log-sum of the other classes.
+
+    Args:
+        log_probs: Log-probabilities ``[..., C]``.
+        indices: Class indices ``[..., k]`` (distinct along the last axis).
+
+    Returns:
+        ``[...]``; a very negative finite number (not ``-inf``) when ``indices`` cover every
+        class, so that gradients stay finite.
+    """
+    # a finite fill (not -inf) keeps logsumexp's backward free of nan when nothing is left
+    fill = torch.finfo(log_probs.dtype).min
+    rest = log_probs.scatter(-1, indices, fill)
+    return torch.logsumexp(rest, dim=-1)
+
+
+def topk_forward_kl_sparse(
+    student_log_probs: Tensor,
+    teacher_topk_log_probs: Tensor,
+    teacher_topk_indices: Tensor,
+    teacher_log_tail: Tensor | None = None,
+) -> Tensor:
+    """Forward KL over the teacher's top-k classes plus one bucket for the remaining mass.
+
+    With teacher top-k probabilities ``p_i`` (``i ∈ K``), teacher tail ``p_R = 1 − Σ_K p_i``, the
+    student's probabilities ``q_i`` on the same classes and student tail ``q_R = 1 − Σ_K q_i``:
+    ``Σ_{i∈K} p_i·(log p_i − log q_i) + p_R·(log p_R − log q_R)``. Both sides are distributions
+    over k + 1 buckets, so no teacher mass is dropped; with k = C it is the full forward KL.
+
+    Args:
+        student_log_probs: Student log-probabilities ``[..., C]``.
+        teacher_topk_log_probs: Teacher log-probabilities of its top-k classes ``[..., k]``.
+        teacher_topk_indices: Their class indices ``[..., k]`` (int64, distinct).
+        teacher_log_tail: ``log p_R`` ``[...]``; when ``None`` it is computed as
+            ``log(1 − Σ exp(teacher_topk_log_probs))`` (clamped at 0 mass).
+
+    Returns:
+        ``[...]``.
+    """
+    # cached teachers may come in half precision: do the bucket arithmetic in the student's dtype
+    teacher_topk_log_probs = teacher_topk_log_probs.to(student_log_probs.dtype)
+    if teacher_log_tail is None:
+        tail = (1 - teacher_topk_log_probs.exp().sum(-1)).clamp(min=0)
+        teacher_log_tail = tail.log()
+    teacher_log_tail = teacher_log_tail.to(student_log_probs.dtype)
+    student_topk = student_log_probs.gather(-1, teacher_topk_indices)
+    student_tail = topk_log_tail_mass(student_log_probs, teacher_topk_indices)
+    teacher_buckets = torch.cat([teacher_topk_log_probs, teacher_log_tail.unsqueeze(-1)], dim=-1)
+    student_buckets = torch.cat([student_topk, student_tail.unsqueeze(-1)], dim=-1)
+    return forward_kl(student_buckets, teacher_buckets)
+
+
+def topk_forward_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, k: int) -> Tensor:
+    """``topk_forward_kl_sparse`` with the top-k and exact tail taken from dense teacher log-probs.
+
+    Args:
+        student_log_probs: ``[..., C]``.
+        teacher_log_probs: ``[..., C]``.
+        k: Number of teacher classes kept (clamped to C).
+
+    Returns:
+        ``[...]``.
+    """
+    values, indices = teacher_log_probs.topk(min(k, teacher_log_probs.shape[-1]), dim=-1)
+    tail = topk_log_tail_mass(teacher_log_probs, indices)
+    return topk_forward_kl_sparse(student_log_probs, values, indices, tail)

@@ -1,17 +1,36 @@
-"""Feature-map losses: masked generative distillation.
+"""Feature losses: student features first, teacher features second.
 
 - ``MGDLoss``: Yang et al., "Masked Generative Distillation", arXiv 2205.01529; reference
   implementation yzd-v/MGD (Apache-2.0) and ModelOpt 0.47 ``losses.py`` (Apache-2.0). Unlike
   ModelOpt, the teacher feature is detached and the random mask takes an optional generator.
+- ``HintLoss``: Romero et al., "FitNets: Hints for Thin Deep Nets", arXiv 1412.6550.
+- ``CosineLoss``: cosine distance of features (as in DistilBERT, Sanh et al., arXiv 1910.01108).
+- ``AttentionTransferLoss``: Zagoruyko & Komodakis, "Paying More Attention to Attention",
+  arXiv 1612.03928; reference code szagoruyko/attention-transfer (MIT).
+- ``RKDLoss``: Park et al., "Relational Knowledge Distillation", arXiv 1904.05068; reference code
+  lenscloth/RKD (MIT).
+- ``PKTLoss``: Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge
+  Transfer", arXiv 1803.10837; reference code passalis/probabilistic_kt (MIT).
+- ``SimilarityPreservingLoss``: Tung & Mori, "Similarity-Preserving Knowledge Distillation",
+  arXiv 1907.09682.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._divergences import forward_kl, upcast
 from ._registry import register_loss
 
-__all__ = ["MGDLoss"]
+__all__ = [
+    "AttentionTransferLoss",
+    "CosineLoss",
+    "HintLoss",
+    "MGDLoss",
+    "PKTLoss",
+    "RKDLoss",
+    "SimilarityPreservingLoss",
+]
 
 
 def _check_bchw(feats: Tensor, role: str) -> None:
@@ -116,7 +135,332 @@ class MGDLoss(nn.Module):
         aligned = self.align(student_feats)
         keep = self.keep_mask(batch, height, width, aligned.device).to(aligned.dtype)
         generated = self.generation(aligned * keep)
-        return self.alpha_mgd * F.mse_loss(generated.float(), teacher_feats.float())
+        # float32 math; float64 stays float64 (gradcheck)
+        return self.alpha_mgd * F.mse_loss(upcast(generated), upcast(teacher_feats))
+
+
+def _flatten_batch(feats: Tensor, role: str, loss_name: str) -> Tensor:
+    """``[B, ...]`` -> float ``[B, D]`` (at least float32) for the relational losses."""
+    if not isinstance(feats, Tensor):
+        raise TypeError(
+            f"{loss_name} expects {role} features as a Tensor, got {type(feats).__name__}."
+        )
+    if feats.dim() < 2 or feats.shape[0] < 2:
+        raise ValueError(
+            f"{loss_name} compares samples within a batch: {role} features must have shape "
+            f"[B, ...] with B >= 2, got {tuple(feats.shape)}."
+        )
+    return upcast(feats.reshape(feats.shape[0], -1))
+
+
+def _check_batch_pair(student: Tensor, teacher: Tensor, loss_name: str) -> None:
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"{loss_name}: student features {tuple(student.shape)} and teacher features "
+            f"{tuple(teacher.shape)} have different batch sizes."
+        )
+
+
+def _feature_axis(feats: Tensor) -> int:
+    """Channel axis 1 for ``[B, C, H, W]`` maps, else the last axis (``[..., D]``)."""
+    return 1 if feats.dim() == 4 else -1
+
+
+class _ProjectedFeatureLoss(nn.Module):
+    """Optional learned projector from the student's feature size to the teacher's.
+
+    The projector is an ``nn.Linear(student_dim, teacher_dim)`` applied along the feature axis:
+    the last axis of ``[..., D]`` inputs, the channel axis of ``[B, C, H, W]`` maps, where it is
+    exactly a 1×1 convolution. Its parameters belong to the loss, so a ``DistillationModel``
+    trains them with the student and saves them under ``_loss_modules``.
+    """
+
+    _loss_name = ""
+
+    def __init__(self, student_dim: int | None, teacher_dim: int | None) -> None:
+        super().__init__()
+        if (student_dim is None) != (teacher_dim is None):
+            raise ValueError(
+                f"{self._loss_name} needs both `student_dim` and `teacher_dim` for its projector "
+                f"(or neither), got student_dim={student_dim!r}, teacher_dim={teacher_dim!r}."
+            )
+        for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0
+            ):
+                raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
+        self.student_dim = student_dim
+        self.teacher_dim = teacher_dim
+        self.projector = (
+            nn.Linear(student_dim, teacher_dim) if student_dim and teacher_dim else None
+        )
+
+    def _project(self, student_feats: Tensor, teacher_feats: Tensor) -> tuple[Tensor, Tensor]:
+        """Check shapes, project the student, return both in float (at least float32)."""
+        for role, feats in (("student", student_feats), ("teacher", teacher_feats)):
+            if not isinstance(feats, Tensor) or feats.dim() < 1:
+                got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
+                raise ValueError(
+                    f"{self._loss_name} expects {role} features [..., D] or [B, C, H, W], "
+                    f"got {got}."
+                )
+        axis = _feature_axis(student_feats)
+        if self.projector is not None:
+            if student_feats.shape[axis] != self.student_dim:
+                raise ValueError(
+                    f"{self._loss_name} was built with student_dim={self.student_dim}, but the "
+                    f"student features of shape {tuple(student_feats.shape)} have "
+                    f"{student_feats.shape[axis]} features on axis {axis}."
+                )
+            # run the projector in its own dtype (a bf16 model has a bf16 projector)
+            moved = student_feats.to(self.projector.weight.dtype).movedim(axis, -1)
+            student_feats = self.projector(moved).movedim(-1, axis)
+        if student_feats.shape != teacher_feats.shape:
+            s_dim, t_dim = (
+                student_feats.shape[axis],
+                teacher_feats.shape[_feature_axis(teacher_feats)],
+            )
+            raise ValueError(
+                f"{self._loss_name}: student features of shape {tuple(student_feats.shape)} and "
+                f"teacher features of shape {tuple(teacher_feats.shape)} differ. If only the "
+                f"feature size differs, add a projector: {self._loss_name}(student_dim={s_dim}, "
+                f"teacher_dim={t_dim})."
+            )
+        return upcast(student_feats), upcast(teacher_feats)
+
+
+class HintLoss(_ProjectedFeatureLoss):
+    """FitNets hint loss (Romero et al., ICLR 2015, arXiv 1412.6550): ``mean((r(s) − t)²)``.
+
+    ``r`` is the learned regressor (projector) from the student's hint layer to the teacher's:
+    ``nn.Linear(student_dim, teacher_dim)`` on the last axis of ``[..., D]`` features, a 1×1
+    convolution over the channels of ``[B, C, H, W]`` maps; without dims it is the identity and
+    the shapes must match. The squared error is averaged over every element (torch's
+    ``mse_loss``), in float32; the teacher is detached. No masking.
+
+    Args:
+        student_dim: D (or C) of the student features; with ``teacher_dim``, adds the projector.
+        teacher_dim: D (or C) of the teacher features.
+
+    Example:
+        >>> import torch
+        >>> loss = HintLoss(student_dim=8, teacher_dim=16)
+        >>> loss(torch.randn(2, 8, 4, 4), torch.randn(2, 16, 4, 4)).shape
+        torch.Size([])
+    """
+
+    _loss_name = "HintLoss"
+
+    def __init__(self, student_dim: int | None = None, teacher_dim: int | None = None) -> None:
+        super().__init__(student_dim, teacher_dim)
+
+    def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
+        """Compute the loss.
+
+        Args:
+            student_feats: ``[..., D_s]`` or ``[B, C_s, H, W]``.
+            teacher_feats: ``[..., D_t]`` or ``[B, C_t, H, W]``; detached here.
+        """
+        student, teacher = self._project(student_feats, teacher_feats.detach())
+        return F.mse_loss(student, teacher)
+
+
+class CosineLoss(_ProjectedFeatureLoss):
+    """``mean(1 − cos(r(s), t))``: cosine distance along the feature axis, averaged over positions.
+
+    The feature axis is the last one of ``[..., D]`` inputs and the channel axis of
+    ``[B, C, H, W]`` maps; every other position (sample, token, pixel) gives one cosine
+    (``F.cosine_similarity``, eps 1e-8), in float32. Scale-free, so it matches directions only
+    (e.g. hidden-state alignment in DistilBERT, Sanh et al., arXiv 1910.01108). ``r`` is an
+    optional learned projector as in ``HintLoss``. Teacher detached; no masking.
+
+    Args:
+        student_dim: D (or C) of the student features; with ``teacher_dim``, adds the projector.
+        teacher_dim: D (or C) of the teacher features.
+    """
+
+    _loss_name = "CosineLoss"
+
+    def __init__(self, student_dim: int | None = None, teacher_dim: int | None = None) -> None:
+        super().__init__(student_dim, teacher_dim)
+
+    def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
+        """Compute the loss.
+
+        Args:
+            student_feats: ``[..., D_s]`` or ``[B, C_s, H, W]``.
+            teacher_feats: ``[..., D_t]`` or ``[B, C_t, H, W]``; detached here.
+        """
+        student, teacher = self._project(student_feats, teacher_feats.detach())
+        cosine = F.cosine_similarity(student, teacher, dim=_feature_axis(student), eps=1e-8)
+        return (1 - cosine).mean()
+
+
+class AttentionTransferLoss(nn.Module):
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, arXiv 1612.03928).
+
+    Each ``[B, C, H, W]`` map becomes a spatial attention vector
+    ``a = normalize(mean_c |A_c|^p)`` of length H·W (L2-normalised per sample); the loss is
+    ``mean((a_s − a_t)²)`` over the B·H·W entries, as in the authors' code
+    (szagoruyko/attention-transfer, MIT). Channel counts may differ; batch and spatial sizes
+    must match. Float32 math, teacher detached, no masking.
+
+    Args:
+        p: Exponent p > 0 of the attention map (the paper uses 2).
+    """
+
+    def __init__(self, p: float = 2.0) -> None:
+        super().__init__()
+        if isinstance(p, bool) or not isinstance(p, int | float) or not p > 0:
+            raise ValueError(f"`p` must be a positive number, got {p!r}.")
+        self.p = float(p)
+
+    def attention(self, feats: Tensor) -> Tensor:
+        """``[B, C, *spatial]`` -> L2-normalised attention ``[B, prod(spatial)]``."""
+        attention = upcast(feats).abs().pow(self.p).mean(dim=1)
+        return F.normalize(attention.reshape(feats.shape[0], -1), dim=1)
+
+    def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
+        """Compute the loss for ``[B, C_s, H, W]`` and ``[B, C_t, H, W]`` maps."""
+        for role, feats in (("student", student_feats), ("teacher", teacher_feats)):
+            if not isinstance(feats, Tensor) or feats.dim() < 3:
+                got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
+                raise ValueError(
+                    f"AttentionTransferLoss expects {role} feature maps [B, C, H, W], got {got}."
+                )
+        if (student_feats.shape[0], *student_feats.shape[2:]) != (
+            teacher_feats.shape[0],
+            *teacher_feats.shape[2:],
+        ):
+            raise ValueError(
+                f"AttentionTransferLoss: student maps {tuple(student_feats.shape)} and teacher "
+                f"maps {tuple(teacher_feats.shape)} must share batch and spatial sizes (channels "
+                "may differ); resize one side with F.interpolate."
+            )
+        student = self.attention(student_feats)
+        teacher = self.attention(teacher_feats.detach())
+        return (student - teacher).pow(2).mean()
+
+
+def _pairwise_distances(feats: Tensor) -> Tensor:
+    """Euclidean distances ``[B, B]`` of ``[B, D]`` rows, 0 on the diagonal, finite gradients."""
+    batch = feats.shape[0]
+    squared = (feats[:, None, :] - feats[None, :, :]).pow(2).sum(-1)  # [B, B]
+    off_diagonal = ~torch.eye(batch, dtype=torch.bool, device=feats.device)
+    # clamp before sqrt: the diagonal (and coincident points) would have an infinite gradient
+    distances = squared.clamp(min=1e-12).sqrt()
+    return torch.where(off_diagonal, distances, distances.new_zeros(()))
+
+
+def _normalized_distances(feats: Tensor) -> Tensor:
+    """Pairwise distances divided by their mean over the B·(B−1) off-diagonal pairs."""
+    distances = _pairwise_distances(feats)
+    batch = feats.shape[0]
+    mean = distances.sum() / (batch * (batch - 1))
+    return distances / mean.clamp(min=1e-12)
+
+
+def _triplet_angles(feats: Tensor) -> Tensor:
+    """``cos ∠(x_i, x_j, x_k) = <e_ji, e_jk>`` for all triplets ``[B, B, B]`` (0 if i or k = j)."""
+    directions = F.normalize(feats[None, :, :] - feats[:, None, :], p=2, dim=2)  # [B, B, D]
+    return torch.bmm(directions, directions.transpose(1, 2))
+
+
+class RKDLoss(nn.Module):
+    """Relational knowledge distillation (Park et al., CVPR 2019, arXiv 1904.05068).
+
+    Features are flattened to ``[B, D]`` (student and teacher D may differ). Distance term: the
+    pairwise Euclidean distances, each divided by the mean distance over the B·(B−1) pairs, are
+    compared with the Huber loss (``smooth_l1``, δ = 1) averaged over the B² entries. Angle
+    term: the cosines ``<e_ji, e_jk>`` of the unit difference vectors for all B³ triplets,
+    compared the same way. Loss = ``distance_weight · distance + angle_weight · angle``, as in
+    the authors' code (lenscloth/RKD, MIT). Float32 math, teacher detached, needs B >= 2.
+
+    Args:
+        distance_weight: Weight of the distance term (paper: 25).
+        angle_weight: Weight of the angle term (paper: 50).
+    """
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
+        super().__init__()
+        for name, value in (("distance_weight", distance_weight), ("angle_weight", angle_weight)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.")
+        self.distance_weight = float(distance_weight)
+        self.angle_weight = float(angle_weight)
+
+    def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
+        """Compute the loss for ``[B, ...]`` student and teacher features."""
+        student = _flatten_batch(student_feats, "student", "RKDLoss")
+        teacher = _flatten_batch(teacher_feats.detach(), "teacher", "RKDLoss")
+        _check_batch_pair(student_feats, teacher_feats, "RKDLoss")
+        distance = F.smooth_l1_loss(_normalized_distances(student), _normalized_distances(teacher))
+        angle = F.smooth_l1_loss(_triplet_angles(student), _triplet_angles(teacher))
+        return self.distance_weight * distance + self.angle_weight * angle
+
+
+def _cosine_conditional_log_probs(feats: Tensor, eps: float) -> Tensor:
+    """PKT's ``log P(j | i)`` ``[B, B]`` from the cosine kernel ``(1 + cos)/2`` of ``[B, D]``."""
+    unit = feats / (feats.norm(dim=1, keepdim=True) + eps)
+    kernel = (unit @ unit.T + 1) / 2 + eps  # [B, B], in (0, 1 + eps]
+    return (kernel / kernel.sum(dim=1, keepdim=True)).log()
+
+
+class PKTLoss(nn.Module):
+    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018, arXiv 1803.10837).
+
+    Features are flattened to ``[B, D]`` (dims may differ). Each side's cosine kernel
+    ``K_ij = (1 + cos(x_i, x_j))/2 + eps`` is normalised per row into a conditional distribution
+    ``P(j | i)``; the loss is ``Σ_i KL(P_T(· | i) ‖ P_S(· | i)) / B²``, the normalisation of the
+    authors' code (passalis/probabilistic_kt, MIT), there written as a mean over the B² entries.
+    Adding eps before normalising (the reference adds it inside the log) keeps each row an exact
+    distribution, so the loss is ≥ 0. Float32 math, teacher detached, needs B >= 2.
+
+    Args:
+        eps: Smoothing of the norms and the kernel.
+    """
+
+    def __init__(self, eps: float = 1e-7) -> None:
+        super().__init__()
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
+            raise ValueError(f"`eps` must be a positive number, got {eps!r}.")
+        self.eps = float(eps)
+
+    def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
+        """Compute the loss for ``[B, ...]`` student and teacher features."""
+        student = _flatten_batch(student_feats, "student", "PKTLoss")
+        teacher = _flatten_batch(teacher_feats.detach(), "teacher", "PKTLoss")
+        _check_batch_pair(student_feats, teacher_feats, "PKTLoss")
+        kl = forward_kl(
+            _cosine_conditional_log_probs(student, self.eps),
+            _cosine_conditional_log_probs(teacher, self.eps),
+        )
+        return kl.sum() / student.shape[0] ** 2
+
+
+class SimilarityPreservingLoss(nn.Module):
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019, arXiv 1907.09682).
+
+    Features are flattened to ``Q`` ``[B, D]`` (dims may differ); the batch similarity
+    ``G = Q·Qᵀ`` ``[B, B]`` is L2-normalised row by row and the loss is
+    ``‖G̃_T − G̃_S‖_F² / B²``. The paper's weight γ is left to the balancer. Float32 math, teacher
+    detached, needs B >= 2.
+    """
+
+    def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
+        """Compute the loss for ``[B, ...]`` student and teacher features."""
+        student = _flatten_batch(student_feats, "student", "SimilarityPreservingLoss")
+        teacher = _flatten_batch(teacher_feats.detach(), "teacher", "SimilarityPreservingLoss")
+        _check_batch_pair(student_feats, teacher_feats, "SimilarityPreservingLoss")
+        student_sim = F.normalize(student @ student.T, dim=1)
+        teacher_sim = F.normalize(teacher @ teacher.T, dim=1)
+        return (teacher_sim - student_sim).pow(2).sum() / student.shape[0] ** 2
 
 
 register_loss("mgd", MGDLoss)
+register_loss("hint", HintLoss)
+register_loss("cosine", CosineLoss)
+register_loss("attention_transfer", AttentionTransferLoss)
+register_loss("rkd", RKDLoss)
+register_loss("pkt", PKTLoss)
+register_loss("similarity_preserving", SimilarityPreservingLoss)
