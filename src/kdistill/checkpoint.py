@@ -164,15 +164,40 @@ def _check_weights(model: nn.Module, weights: Mapping[str, Any], name: str) -> N
         )
 
 
-def restore_from_mode_state(
+def _restore(
     model: nn.Module,
-    state: Mapping[str, Any],
-    teacher_model: Any = None,
-    *,
-    _weights: Mapping[str, Any] | None = None,
-    _source: str = "mode state",
+    state: Any,
+    teacher_model: Any,
+    weights: Mapping[str, Any] | None,
+    source: str,
 ) -> nn.Module:
-    """Re-apply saved modes to a fresh student (in place) and return it.
+    """Validate ``state``, re-apply its modes, then check and load ``weights`` (if given)."""
+    if isinstance(model, DistillationModel):
+        raise RuntimeError(
+            "restore expects a plain student, got a DistillationModel: build a fresh student "
+            "(or export this one) and restore into it."
+        )
+    try:
+        modes = _parse_state(state, teacher_model)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{source}: {err}") from err
+    for mode_name, config in modes:
+        model = convert(model, mode=[(mode_name, config)])
+    if weights is not None:
+        try:
+            _check_weights(model, weights, source)
+        except ValueError:
+            if isinstance(model, DistillationModel):
+                model.teardown_()  # leave the student exactly as it came in
+            raise
+        model.load_state_dict(weights, strict=True)
+    return model
+
+
+def restore_from_mode_state(
+    model: nn.Module, state: Mapping[str, Any], teacher_model: Any = None
+) -> nn.Module:
+    """Re-apply the modes recorded by ``mode_state`` to a fresh student (in place); no weights.
 
     Args:
         model: A plain instance of the student's architecture.
@@ -184,26 +209,7 @@ def restore_from_mode_state(
         ValueError: Malformed state, unknown names, or a teacher factory restore may not call.
         RuntimeError: ``model`` is already a DistillationModel.
     """
-    if isinstance(model, DistillationModel):
-        raise RuntimeError(
-            "restore expects a plain student, got a DistillationModel: build a fresh student "
-            "(or export this one) and restore into it."
-        )
-    try:
-        modes = _parse_state(state, teacher_model)
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"{_source}: {err}") from err
-    for mode_name, config in modes:
-        model = convert(model, mode=[(mode_name, config)])
-    if _weights is not None:
-        try:
-            _check_weights(model, _weights, _source)
-        except ValueError:
-            if isinstance(model, DistillationModel):
-                model.teardown_()  # leave the student exactly as it came in
-            raise
-        model.load_state_dict(_weights, strict=True)
-    return model
+    return _restore(model, state, teacher_model, None, "mode state")
 
 
 def restore(model: nn.Module, f: FileLike, teacher_model: Any = None) -> nn.Module:

@@ -57,8 +57,8 @@ class _Capture:
             self.inputs = (args, kwargs)
 
     def take(self) -> Any:
-        """Return the captured output and forget it."""
-        output, self.output = self.output, None
+        """Return the captured output and forget everything captured."""
+        output, self.output, self.inputs = self.output, None, None
         return output
 
     def clear(self) -> None:
