@@ -225,4 +225,4 @@ def restore(model: nn.Module, f: FileLike, teacher_model: Any = None) -> nn.Modu
             teacher factory may not be called. The model is left unchanged.
     """
     state, weights = _read_checkpoint(f)
-    return restore_from_mode_state(model, state, teacher_model, _weights=weights, _source=_name(f))
+    return _restore(model, state, teacher_model, weights, _name(f))
