@@ -1,8 +1,27 @@
-"""Helpers for testing kdistill and code built on it: tiny models (and, later, contract suites)."""
+"""Helpers for testing kdistill and code built on it: tiny models and contract suites."""
 
+from .contracts import BalancerContract as BalancerContract
+from .contracts import BalancerRecipe as BalancerRecipe
+from .contracts import LossContract as LossContract
+from .contracts import LossInputs as LossInputs
+from .contracts import LossRecipe as LossRecipe
+from .contracts import register_balancer_recipe as register_balancer_recipe
+from .contracts import register_loss_recipe as register_loss_recipe
 from .models import TinyCNN as TinyCNN
 from .models import TinyMLP as TinyMLP
 from .models import tiny_cnn as tiny_cnn
 from .models import tiny_mlp as tiny_mlp
 
-__all__ = ["TinyCNN", "TinyMLP", "tiny_cnn", "tiny_mlp"]
+__all__ = [
+    "BalancerContract",
+    "BalancerRecipe",
+    "LossContract",
+    "LossInputs",
+    "LossRecipe",
+    "TinyCNN",
+    "TinyMLP",
+    "register_balancer_recipe",
+    "register_loss_recipe",
+    "tiny_cnn",
+    "tiny_mlp",
+]
