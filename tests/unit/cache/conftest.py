@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kdistill.testing.models import TinyMLP
 
-NUM_SAMPLES, IN_FEATURES, NUM_CLASSES, BATCH = 20, 16, 10, 6
+NUM_SAMPLES, IN_FEATURES, HIDDEN, NUM_CLASSES, BATCH = 20, 16, 32, 10, 6
 
 
 @pytest.fixture
@@ -25,9 +25,9 @@ def loader(data) -> DataLoader:
 
 @pytest.fixture
 def teacher() -> TinyMLP:
-    return TinyMLP(IN_FEATURES, 64, NUM_CLASSES)
+    return TinyMLP(IN_FEATURES, HIDDEN, NUM_CLASSES)
 
 
 @pytest.fixture
 def student() -> TinyMLP:
-    return TinyMLP(IN_FEATURES, 8, NUM_CLASSES)
+    return TinyMLP(IN_FEATURES, HIDDEN, NUM_CLASSES)  # its own initialization

@@ -89,7 +89,7 @@ def test_manifest_records_provenance(tmp_path, teacher, loader, data) -> None:
     assert manifest["data_fingerprint"] == data_fingerprint(ids, sample_input_hashes(x, None))
     assert manifest["dtype"] == "float16" and manifest["input_keys"] is None
     assert manifest["layers"] == [
-        {"name": "fc2", "top_k": None, "temperature": None, "sample_shape": [64]},
+        {"name": "fc2", "top_k": None, "temperature": None, "sample_shape": [32]},
         {"name": "", "top_k": 4, "temperature": 1.0, "sample_shape": [4]},
     ]
     assert len(manifest["shards"]) == 4  # shard_bytes=1: one shard per batch
@@ -186,7 +186,7 @@ def test_existing_cache_with_other_settings_is_refused(tmp_path, teacher, loader
 
 def test_existing_cache_of_another_teacher_is_refused(tmp_path, teacher, loader) -> None:
     _build(teacher, loader, tmp_path)
-    other = TinyMLP(16, 64, NUM_CLASSES)
+    other = TinyMLP(16, 32, NUM_CLASSES)
     with pytest.raises(ValueError, match="stale: the teacher's weights differ"):
         _build(other, loader, tmp_path)
 
