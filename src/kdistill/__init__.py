@@ -11,6 +11,8 @@ from .balancers import StaticLossBalancer as StaticLossBalancer
 from .balancers import get_balancer as get_balancer
 from .balancers import list_balancers as list_balancers
 from .balancers import register_balancer as register_balancer
+from .cache import CachedTeacher as CachedTeacher
+from .cache import TeacherCache as TeacherCache
 from .checkpoint import mode_state as mode_state
 from .checkpoint import restore as restore
 from .checkpoint import restore_from_mode_state as restore_from_mode_state
@@ -51,6 +53,7 @@ restore_from_modelopt_state = restore_from_mode_state
 
 __all__ = [
     "AttentionTransferLoss",
+    "CachedTeacher",
     "CosineLoss",
     "DKDLoss",
     "DistillationLossBalancer",
@@ -73,6 +76,7 @@ __all__ = [
     "SkewReverseKLLoss",
     "StaticLossBalancer",
     "TVDLoss",
+    "TeacherCache",
     "TopKLogitsKLLoss",
     "TopKTeacher",
     "__version__",
