@@ -1,0 +1,421 @@
+"""Hugging Face ``transformers.Trainer`` integration: ``KDTrainer``.
+
+``KDTrainer`` is a ``Trainer`` whose model is the student converted with ``kdistill.convert``: each
+step runs the frozen teacher and the student on the same batch and optimizes the KD loss (alone, the
+ModelOpt ``KDTrainer`` convention) or, with a loss balancer, the balanced sum of the student's own
+cross-entropy and the KD losses. Every component is logged through the Trainer's own ``log``.
+
+Install the extra: ``pip install "kdistill[hf]"``. This module is never imported by ``kdistill``.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+try:
+    import transformers
+except ModuleNotFoundError as err:  # only a missing transformers, never a bug inside it
+    if err.name != "transformers":
+        raise
+    raise ImportError(
+        'kdistill.hf needs transformers and accelerate: pip install "kdistill[hf]"'
+    ) from err
+
+import torch
+from torch import Tensor, nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer
+from .conversion import convert
+from .losses.logits import LogitsDistillationLoss
+from .model import LOSS_MODULES_KEY, TEACHER_KEY, DistillationModel
+
+__all__ = ["IGNORE_INDEX", "KDTrainer", "default_criterion", "next_token_mask"]
+
+IGNORE_INDEX = -100
+"""Label value Hugging Face models ignore in their loss (and ``KDTrainer`` in the KD loss)."""
+
+
+def default_criterion() -> nn.Module:
+    """The default ``KDTrainer`` criterion: token-level forward KL, summed over kept tokens.
+
+    ``LogitsDistillationLoss(temperature=1, reduction="sum")`` on the model outputs; ``KDTrainer``
+    divides the sum by the number of target tokens (see ``KDTrainer``), which makes it the mean KL
+    per target token, correct under gradient accumulation and data parallelism.
+    """
+    return LogitsDistillationLoss(temperature=1.0, reduction="sum")
+
+
+def next_token_mask(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Positions of a causal LM whose logits predict a real label (Hugging Face's label shift).
+
+    The logits at position ``t`` predict ``labels[:, t + 1]``, so position ``t`` is kept when
+    ``labels[:, t + 1] != ignore_index``; the last position predicts nothing and is dropped. The
+    mask counts exactly the tokens that the model's own cross-entropy averages over.
+
+    Args:
+        labels: ``[B, T]`` integer labels (``ignore_index`` marks padding / prompt tokens).
+        ignore_index: Label value that is not a target.
+
+    Returns:
+        ``[B, T]`` bool mask aligned with the logits ``[B, T, V]``.
+
+    Example:
+        >>> next_token_mask(torch.tensor([[5, 6, -100, 7]])).tolist()
+        [[True, False, True, False]]
+    """
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[..., :-1] = labels[..., 1:] != ignore_index
+    return mask
+
+
+def _shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """``[B, T]`` labels aligned with the logits: position ``t`` holds ``labels[:, t + 1]``."""
+    shifted = torch.full_like(labels, ignore_index)
+    shifted[..., :-1] = labels[..., 1:]
+    return shifted
+
+
+@contextlib.contextmanager
+def _as_plain_student(model: DistillationModel) -> Iterator[nn.Module]:
+    """Let ``model`` pose as its plain student class (teacher and loss modules hidden).
+
+    Used to save: the student's own ``save_pretrained`` then writes the student's weights and its
+    own class name in ``config.architectures``, so nothing from kdistill is needed to load it.
+    """
+    distillation_cls = type(model)
+    with model._hide_children(TEACHER_KEY, LOSS_MODULES_KEY):
+        model.__class__ = model._kd_student_cls
+        try:
+            yield model
+        finally:
+            model.__class__ = distillation_cls
+
+
+def _student_only(state_dict: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Drop teacher and loss-module entries from a full state dict (FSDP / DeepSpeed saves)."""
+    if state_dict is None:
+        return None
+    prefixes = (TEACHER_KEY + ".", LOSS_MODULES_KEY + ".")
+    return {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+
+
+def _distillation_model(
+    model: Any, teacher_model: Any, criterion: Any, loss_balancer: Any
+) -> DistillationModel:
+    """Convert ``model`` (or accept an already converted one) and align the teacher with it."""
+    if isinstance(model, DistillationModel):
+        given = [
+            name
+            for name, value in (
+                ("teacher_model", teacher_model),
+                ("criterion", criterion),
+                ("loss_balancer", loss_balancer),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(
+                f"`model` is already a DistillationModel, so {given} must not be given: its "
+                "teacher, criterion and balancer were set by kdistill.convert. Pass the plain "
+                "student instead, or drop these arguments."
+            )
+    elif not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`model` must be the student nn.Module (e.g. an AutoModelForCausalLM), got "
+            f"{type(model).__name__}."
+        )
+    elif teacher_model is None:
+        raise ValueError(
+            "KDTrainer needs `teacher_model`: an nn.Module, or a class / importable factory that "
+            "builds it."
+        )
+    else:
+        model = convert(
+            model,
+            mode=[
+                (
+                    "kd_loss",
+                    {
+                        "teacher_model": teacher_model,
+                        "criterion": default_criterion() if criterion is None else criterion,
+                        "loss_balancer": loss_balancer,
+                    },
+                )
+            ],
+        )
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if reference is not None:
+        # the teacher follows the student's device and dtype; Trainer moves both later
+        model.teacher_model.to(device=reference.device, dtype=reference.dtype)
+    return model
+
+
+class KDTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` that distills ``teacher_model`` into ``model`` (the student).
+
+    The student is converted in place with ``kdistill.convert`` (mode ``"kd_loss"``). Each step
+    runs the teacher (frozen, eval mode, no grad) and the student on the batch, then computes:
+
+    - the KD terms ``{f"{LossClass}_{i}": value}`` of the criterion pairs, for causal LMs on the
+      positions whose next-token label is not ``-100`` (``next_token_mask``; without labels, on
+      the ``attention_mask`` positions). Losses receive ``mask`` (``[B, T]``) and ``labels``
+      (shifted to align with the logits) when their ``forward`` accepts them;
+    - ``ce_loss``: the student's own loss (Hugging Face's cross-entropy) when labels are given.
+
+    The training loss is the KD loss alone when there is no balancer (ModelOpt's convention; the
+    cross-entropy is then only logged), else ``loss_balancer({"student_loss": ce, **kd_terms})``.
+
+    Normalization: a KD loss with ``reduction="sum"`` (the default criterion) is divided by the
+    number of target tokens of the whole optimizer step (``num_items_in_batch``: all gradient
+    accumulation micro-batches and, with ``average_tokens_across_devices``, all ranks), exactly
+    like Hugging Face's cross-entropy, so accumulation and data parallelism give the loss of the
+    full batch. Any other reduction is taken as a per-micro-batch mean and divided by the number
+    of accumulation steps.
+
+    Logging: ``loss`` (the total), ``kd_loss`` (sum of the KD terms), ``ce_loss`` and each KD term
+    are averaged over the steps since the last log and passed to ``Trainer.log`` at
+    ``logging_steps``; ``evaluate`` reports ``eval_loss`` and ``eval_<component>``.
+
+    Saving (``save_model``, checkpoints): only the student, in its own class, loadable with
+    ``AutoModelForCausalLM.from_pretrained`` without kdistill. The teacher follows the student's
+    device and dtype and is never given to the optimizer.
+
+    Args:
+        model: The student (any ``transformers`` model), or a model already converted with
+            ``kdistill.convert`` (then ``teacher_model``, ``criterion`` and ``loss_balancer``
+            must be ``None``).
+        teacher_model: The teacher: an ``nn.Module``, a class, or an importable factory (see
+            ``kdistill.convert``). Its vocabulary must match the student's for logit losses.
+        criterion: A loss or ``{(student_layer, teacher_layer): loss}``; default
+            ``default_criterion()`` (token-level forward KL).
+        loss_balancer: Combines the student's loss and the KD losses; ``None`` trains on KD alone.
+        args: The ``transformers.TrainingArguments``.
+        **trainer_kwargs: Everything else ``transformers.Trainer`` takes (``train_dataset``,
+            ``eval_dataset``, ``data_collator``, ``callbacks``, ...).
+
+    Raises:
+        ValueError: No teacher, a converted model with KD arguments, or ``compute_loss_func`` /
+            label smoothing (which would silently replace the KD loss).
+        TypeError: ``model`` is not an ``nn.Module``.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+        >>> config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+        ...                      num_hidden_layers=1, num_attention_heads=2)
+        >>> student, teacher = LlamaForCausalLM(config), LlamaForCausalLM(config)
+        >>> data = [{"input_ids": torch.arange(6), "labels": torch.arange(6)}] * 4
+        >>> args = TrainingArguments("out-doctest", max_steps=1, report_to=[], use_cpu=True,
+        ...                          per_device_train_batch_size=2, save_strategy="no")
+        >>> trainer = KDTrainer(model=student, teacher_model=teacher, args=args,
+        ...                     train_dataset=data)
+        >>> trainer.train().training_loss >= 0
+        True
+    """
+
+    loss_is_scaled_for_ga = True  # compute_loss normalizes every term itself, see the docstring
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        teacher_model: Any = None,
+        criterion: Any = None,
+        loss_balancer: DistillationLossBalancer | None = None,
+        args: transformers.TrainingArguments | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        if trainer_kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "KDTrainer computes its own loss, so `compute_loss_func` would be ignored: put a "
+                "custom loss in `criterion` (KD) or in the model (student loss) instead."
+            )
+        if args is not None and args.label_smoothing_factor != 0:
+            raise ValueError(
+                f"KDTrainer does not apply `label_smoothing_factor` "
+                f"(got {args.label_smoothing_factor}): the student's loss comes from the model. "
+                "Set it to 0; distillation already softens the targets."
+            )
+        model = _distillation_model(model, teacher_model, criterion, loss_balancer)
+        super().__init__(model=model, args=args, **trainer_kwargs)
+        # Causal LMs predict labels[t + 1] at position t. Trainer infers this from `loss_type`,
+        # which some models (e.g. GPT-2) leave unset; the class name is the reliable signal.
+        self._kd_shift_labels = not self._is_encoder_decoder() and (
+            getattr(self, "_loss_shifts_labels", False)
+            or model._kd_student_cls.__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        )
+        self._loss_shifts_labels = self._kd_shift_labels  # so Trainer counts tokens the same way
+        self._kd_train_sums: dict[str, Tensor] = {}
+        self._kd_eval_sums: dict[str, Tensor] = {}
+        self._kd_eval_count = 0
+        self._kd_last_logged_step = 0
+
+    # ------------------------------------------------------------------ loss
+    @property
+    def distillation_model(self) -> DistillationModel:
+        """The converted student (unwrapped from DDP / compile wrappers)."""
+        return self.model  # Trainer keeps the core model here, whatever wraps it
+
+    def _kd_loss_kwargs(self, inputs: dict[str, Any], logits_shape: torch.Size) -> dict[str, Any]:
+        """``mask`` and aligned ``labels`` for the losses that accept them."""
+        labels = inputs.get("labels")
+        candidates: dict[str, Any] = {}
+        if "shift_labels" in inputs:  # padding-free collators give aligned labels themselves
+            labels = inputs["shift_labels"]
+            candidates["mask"] = labels != IGNORE_INDEX
+        elif labels is not None:
+            if self._kd_shift_labels:
+                candidates["mask"] = next_token_mask(labels)
+                labels = _shift_labels(labels)
+            else:
+                candidates["mask"] = labels != IGNORE_INDEX
+        elif inputs.get("attention_mask") is not None:
+            candidates["mask"] = inputs["attention_mask"].to(torch.bool)
+        if labels is not None:
+            candidates["labels"] = labels
+        if "mask" in candidates and tuple(candidates["mask"].shape) != tuple(logits_shape[:-1]):
+            del candidates["mask"]  # not a token-level output (e.g. sequence classification)
+        accepted: dict[str, Any] = {}
+        for pair in self.distillation_model._kd_pairs:
+            accepted.update(pair.kwargs_for(candidates))
+        return accepted
+
+    def _is_encoder_decoder(self) -> bool:
+        return bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        """Run teacher and student, and return the (balanced) KD loss of this micro-batch.
+
+        Args:
+            model: The model to call (possibly wrapped in DDP / ``torch.compile``).
+            inputs: The batch; ``labels`` ``[B, T]`` (``-100`` = not a target) are optional.
+            return_outputs: Also return the student's outputs.
+            num_items_in_batch: Target tokens in the whole optimizer step (Trainer counts them).
+
+        Returns:
+            The loss, already scaled for gradient accumulation (and ``(loss, outputs)``).
+        """
+        forward_inputs = dict(inputs)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            forward_inputs["num_items_in_batch"] = num_items_in_batch
+        outputs = model(**forward_inputs)
+        has_labels = inputs.get("labels") is not None
+        student_loss = outputs.get("loss") if has_labels and isinstance(outputs, dict) else None
+
+        distillation_model = self.distillation_model
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        logits_shape = logits.shape if isinstance(logits, Tensor) else torch.Size()
+        loss_kwargs = self._kd_loss_kwargs(inputs, logits_shape)
+        kd_terms = distillation_model.compute_kd_loss(skip_balancer=True, **loss_kwargs)
+
+        # Scale every term so that summing the micro-batches of a step (and averaging ranks, as
+        # DDP does with gradients) gives the mean over the whole step, as Hugging Face does for
+        # its cross-entropy when it is given `num_items_in_batch`.
+        accumulation = 1
+        if model.training:  # set by Trainer.train; the last step of an epoch may be shorter
+            accumulation = getattr(
+                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+            )
+        world = 1
+        if num_items_in_batch is not None:
+            if self.args.average_tokens_across_devices:
+                world = self.accelerator.num_processes // self.get_tp_size()
+            token_divisor = num_items_in_batch / world
+        elif "mask" in loss_kwargs:
+            token_divisor = loss_kwargs["mask"].sum().clamp(min=1) * accumulation
+        else:
+            token_divisor = max(logits_shape[:-1].numel(), 1) * accumulation
+        for (name, term), pair in zip(kd_terms.items(), distillation_model._kd_pairs, strict=True):
+            summed = getattr(pair.loss, "reduction", None) == "sum"
+            kd_terms[name] = term / token_divisor if summed else term / accumulation
+        if student_loss is not None:  # HF's loss is a sum / num_items_in_batch, else a mean
+            student_loss = (
+                student_loss * world
+                if num_items_in_batch is not None
+                else (student_loss / accumulation)
+            )
+
+        balancer = distillation_model.loss_balancer
+        if balancer is None:
+            loss = sum(kd_terms.values())
+        else:
+            loss_dict = dict(kd_terms)
+            if student_loss is not None:
+                loss_dict = {STUDENT_LOSS_KEY: student_loss, **kd_terms}
+            loss = balancer(loss_dict)
+
+        components = {"kd_loss": sum(kd_terms.values()), **kd_terms}
+        if student_loss is not None:
+            components["ce_loss"] = student_loss
+        self._record(components, model.training, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ logging
+    def _record(self, components: dict[str, Tensor], training: bool, inputs: dict) -> None:
+        """Accumulate detached components on device (no host sync per step)."""
+        if training:
+            for name, value in components.items():
+                value = value.detach().float()
+                self._kd_train_sums[name] = self._kd_train_sums.get(name, 0) + value
+            return
+        batch = next((v.shape[0] for v in inputs.values() if isinstance(v, Tensor)), 1)
+        for name, value in components.items():
+            value = value.detach().float() * batch
+            self._kd_eval_sums[name] = self._kd_eval_sums.get(name, 0) + value
+        self._kd_eval_count += batch
+
+    def _mean_over_processes(self, values: dict[str, Tensor]) -> dict[str, float]:
+        names = sorted(values)
+        stacked = torch.stack([values[name] for name in names])
+        stacked = self.accelerator.reduce(stacked, reduction="mean")
+        return dict(zip(names, stacked.tolist(), strict=True))
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the averaged KD components to the Trainer's training logs, then log."""
+        if "loss" in logs and self._kd_train_sums:
+            steps = max(self.state.global_step - self._kd_last_logged_step, 1)
+            means = self._mean_over_processes(self._kd_train_sums)
+            logs = {**logs, **{name: value / steps for name, value in means.items()}}
+            self._kd_train_sums = {}
+            self._kd_last_logged_step = self.state.global_step
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        """Run Trainer's evaluation loop and add ``<prefix>_<component>`` means to its metrics."""
+        self._kd_eval_sums, self._kd_eval_count = {}, 0
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        if self._kd_eval_sums:
+            prefix = metric_key_prefix
+            sums = self._mean_over_processes(self._kd_eval_sums)
+            count = self._mean_over_processes(
+                {"n": torch.tensor(float(self._kd_eval_count), device=self.args.device)}
+            )["n"]
+            for name, value in sums.items():
+                output.metrics[f"{prefix}_{name}"] = value / max(count, 1)
+            self._kd_eval_sums, self._kd_eval_count = {}, 0
+        return output
+
+    # ------------------------------------------------------------------ optimizer and saving
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """Build the optimizer over the student (and loss-module) parameters only."""
+        with self.distillation_model.hide_teacher_model():
+            return super().create_optimizer(*args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save the student alone, as an instance of its own class (no teacher, no kdistill)."""
+        with _as_plain_student(self.distillation_model):
+            super()._save(output_dir, state_dict=_student_only(state_dict))

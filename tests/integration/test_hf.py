@@ -1,0 +1,275 @@
+"""``kdistill.hf.KDTrainer`` on tiny Llama / GPT-2 models built from configs (no downloads)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+import kdistill as mtd  # noqa: E402
+from kdistill.hf import KDTrainer, next_token_mask  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+VOCAB, SEQ = 48, 8
+
+
+def tiny_llama(layers: int = 1) -> torch.nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_gpt2(layers: int = 1) -> torch.nn.Module:
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=16,
+        n_layer=layers,
+        n_head=2,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,  # no dropout: the hand reference runs the same forward
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def make_data(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Samples with a masked prompt of random length (so token counts differ per sample)."""
+    gen = torch.Generator().manual_seed(seed)
+    data = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (SEQ,), generator=gen)
+        labels = ids.clone()
+        labels[: int(torch.randint(1, SEQ - 2, (), generator=gen))] = -100
+        data.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(SEQ).long()})
+    return data
+
+
+def batch_of(data: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([d[k] for d in data]) for k in data[0]}
+
+
+def make_args(tmp_path, **overrides) -> "transformers.TrainingArguments":
+    kwargs = {
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "learning_rate": 1e-2,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    kwargs.update(overrides)
+    return transformers.TrainingArguments(**kwargs)
+
+
+def hand_masked_kd(student_logits, teacher_logits, labels) -> torch.Tensor:
+    """Σ over next-token targets of KL(p_teacher ‖ p_student), / their count, in float64."""
+    s = student_logits[:, :-1].double().log_softmax(-1)  # position t predicts labels[:, t + 1]
+    t = teacher_logits[:, :-1].double().log_softmax(-1)
+    keep = labels[:, 1:] != -100
+    kl = (t.exp() * (t - s)).sum(-1)  # [B, T-1]
+    return kl[keep].sum() / keep.sum()
+
+
+def hand_ce(student_logits, labels) -> torch.Tensor:
+    logits = student_logits[:, :-1].double().reshape(-1, VOCAB)
+    return F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("kd_weight", [None, 0.25], ids=["kd-only", "balanced"])
+def test_loss_equals_hand_computed_masked_kd(tmp_path, build, kd_weight):
+    student, teacher = build(1), build(2)
+    reference_student = build(1)
+    reference_student.load_state_dict(student.state_dict())
+    balancer = None if kd_weight is None else mtd.StaticLossBalancer(kd_loss_weight=kd_weight)
+    trainer = KDTrainer(
+        model=student, teacher_model=teacher, loss_balancer=balancer, args=make_args(tmp_path)
+    )
+    inputs = batch_of(make_data(3))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, inputs)
+
+    with torch.no_grad():
+        s_logits = reference_student(input_ids=inputs["input_ids"]).logits
+        t_logits = teacher(input_ids=inputs["input_ids"]).logits
+    expected = hand_masked_kd(s_logits, t_logits, inputs["labels"])
+    if kd_weight is not None:
+        expected = kd_weight * expected + (1 - kd_weight) * hand_ce(s_logits, inputs["labels"])
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+
+    # given the step's token count (as Trainer does), the KD sum is divided by it instead
+    num_items = 2 * int(next_token_mask(inputs["labels"]).sum())
+    loss_half = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=num_items)
+    if kd_weight is None:
+        torch.testing.assert_close(loss_half.double(), expected / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_next_token_mask_shifts_labels():
+    labels = torch.tensor([[-100, -100, 3, 4], [1, 2, -100, 5]])
+    expected = torch.tensor([[False, True, True, False], [True, False, True, False]])
+    assert torch.equal(next_token_mask(labels), expected)
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    """2 micro-batches of 2 with unequal token counts give the step of one batch of 4."""
+    data = make_data(4, seed=1)
+    teacher = tiny_llama(2)
+    start = tiny_llama(1).state_dict()
+    results = []
+    for batch, accumulation in [(4, 1), (2, 2)]:
+        student = tiny_llama(1)
+        student.load_state_dict(start)
+        args = make_args(
+            tmp_path,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0.0,
+            lr_scheduler_type="constant",
+        )
+        trainer = KDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+        out = trainer.train()
+        results.append((out.training_loss, mtd.export(trainer.model).state_dict()))
+    (loss_full, params_full), (loss_accumulated, params_accumulated) = results
+    assert loss_full == pytest.approx(loss_accumulated, rel=1e-5)
+    assert any(not torch.equal(params_full[k], start[k]) for k in start), "no training happened"
+    torch.testing.assert_close(params_accumulated, params_full)
+
+
+def test_training_logs_components_reduces_kd_and_saves_student(tmp_path):
+    data = make_data(8, seed=2)
+    student, teacher = tiny_llama(1), tiny_llama(2)
+    with torch.no_grad():  # a confident teacher, so that the KD term dominates the CE term
+        teacher.lm_head.weight.mul_(30)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    args = make_args(
+        tmp_path,
+        max_steps=6,
+        logging_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-2,
+    )
+    trainer = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        loss_balancer=mtd.StaticLossBalancer(kd_loss_weight=0.75),
+        args=args,
+        train_dataset=data,
+        eval_dataset=data[:4],
+    )
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+
+    for metrics in (before, after):
+        assert {
+            "eval_loss",
+            "eval_kd_loss",
+            "eval_ce_loss",
+            "eval_LogitsDistillationLoss_0",
+        } <= set(metrics)
+        assert metrics["eval_loss"] == pytest.approx(
+            0.75 * metrics["eval_kd_loss"] + 0.25 * metrics["eval_ce_loss"], rel=1e-5
+        )
+    assert after["eval_kd_loss"] < before["eval_kd_loss"]
+
+    train_logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert [log["step"] for log in train_logs] == [3, 6]
+    for log in train_logs:
+        assert log["loss"] == pytest.approx(0.75 * log["kd_loss"] + 0.25 * log["ce_loss"], rel=1e-4)
+        assert log["kd_loss"] == pytest.approx(log["LogitsDistillationLoss_0"])
+
+    # teacher: frozen, unchanged, in eval mode, not in the optimizer, same dtype as the student
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in teacher_before.items())
+    assert not teacher.training
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in teacher.parameters()}
+    with trainer.model.hide_teacher_model():
+        assert optimized == {id(p) for p in trainer.model.parameters()}
+
+    # save_model writes the student alone, loadable without kdistill's classes
+    trainer.save_model(str(tmp_path / "student"))
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "student"))
+    assert type(loaded) is transformers.LlamaForCausalLM
+    plain_keys = set(tiny_llama(1).state_dict())
+    assert set(loaded.state_dict()) == plain_keys
+    ids = data[0]["input_ids"][None]
+    trainer.model.eval()
+    with trainer.model.only_student_forward(), torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits
+        )
+
+
+def test_teacher_follows_student_dtype_and_factory_teacher(tmp_path):
+    student = tiny_llama(1).to(torch.float64)
+    trainer = KDTrainer(model=student, teacher_model=tiny_llama, args=make_args(tmp_path))
+    assert {p.dtype for p in trainer.model.teacher_model.parameters()} == {torch.float64}
+    assert not any(p.requires_grad for p in trainer.model.teacher_model.parameters())
+
+
+def test_accepts_a_converted_model(tmp_path):
+    model = mtd.convert(
+        tiny_llama(1),
+        mode=[
+            ("kd_loss", {"teacher_model": tiny_llama(1), "criterion": mtd.LogitsDistillationLoss()})
+        ],
+    )
+    trainer = KDTrainer(model=model, args=make_args(tmp_path))
+    inputs = batch_of(make_data(2))
+    assert trainer.compute_loss(trainer.model, inputs).ndim == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({}, ValueError, "needs `teacher_model`"),
+        (
+            {"teacher_model": tiny_llama, "compute_loss_func": lambda *a, **k: 0},
+            ValueError,
+            "compute_loss_func",
+        ),
+    ],
+    ids=["no-teacher", "compute-loss-func"],
+)
+def test_invalid_arguments(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        KDTrainer(model=tiny_llama(1), args=make_args(tmp_path), **kwargs)
+
+
+def test_invalid_model_and_options(tmp_path):
+    with pytest.raises(TypeError, match=r"student nn\.Module"):
+        KDTrainer(model="gpt2", teacher_model=tiny_llama, args=make_args(tmp_path))
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        KDTrainer(
+            model=tiny_llama(1),
+            teacher_model=tiny_llama,
+            args=make_args(tmp_path, label_smoothing_factor=0.1),
+        )
+    converted = mtd.convert(
+        tiny_llama(1),
+        mode=[("kd_loss", {"teacher_model": tiny_llama, "criterion": torch.nn.MSELoss()})],
+    )
+    with pytest.raises(ValueError, match="already a DistillationModel"):
+        KDTrainer(model=converted, teacher_model=tiny_llama, args=make_args(tmp_path))
