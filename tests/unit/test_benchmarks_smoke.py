@@ -1,11 +1,13 @@
 """Benchmarks are not tests, but each script must still run: tiny sizes, CPU, seconds."""
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import kdistill
 
@@ -41,3 +43,48 @@ def test_bench_losses_tiny(tmp_path):
 def test_bench_losses_isolated_subprocess():
     stdout = _run("bench_losses.py", "--tiny", "--isolate", "--losses", "tvd")
     assert "tvd" in stdout and "peak_extra_mb" in stdout
+
+
+@pytest.fixture
+def bench_script(monkeypatch):
+    """Import a benchmark script in-process (saves a subprocess import of torch)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    threads = torch.get_num_threads()
+    yield importlib.import_module
+    torch.set_num_threads(threads)  # bench_step sets its own thread count
+
+
+@pytest.mark.integration
+def test_bench_step_tiny(bench_script, tmp_path, capsys):
+    out = tmp_path / "step.jsonl"
+    assert (
+        bench_script("bench_step").main(["--tiny", "--modelopt", "off", "--output", str(out)]) == 0
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(row["case"], row["variant"]) for row in rows} == {
+        (case, variant) for case in ("tiny_mlp", "small_cnn") for variant in ("plain", "kdistill")
+    }
+    assert capsys.readouterr().out.count("first-step losses agree") == 2
+    for row in rows:
+        assert row["median_us"] > 0
+        assert row["commit"] and row["torch"] == torch.__version__
+        plain = next(r for r in rows if r["case"] == row["case"] and r["variant"] == "plain")
+        assert row["ratio_vs_plain"] == pytest.approx(row["median_us"] / plain["median_us"])
+        assert row["first_loss"] == pytest.approx(plain["first_loss"], rel=1e-5)
+
+
+def test_bench_step_refuses_steps_that_disagree(bench_script):
+    weight = torch.nn.Parameter(torch.ones(2))
+    steps = {"plain": lambda: torch.tensor(1.0), "kdistill": lambda: torch.tensor(1.5)}
+    with pytest.raises(RuntimeError, match="kdistill does not compute the same step"):
+        bench_script("bench_step").check_agreement(steps, {"plain": [weight], "kdistill": [weight]})
+
+
+@pytest.mark.integration
+def test_bench_import_tiny(bench_script, tmp_path):
+    out = tmp_path / "import.jsonl"
+    assert bench_script("bench_import").main(["--tiny", "--output", str(out)]) == 0
+    rows = {row["import"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"torch", "kdistill"}
+    assert rows["torch"]["total_ms"] > 0 and rows["kdistill"]["own_ms"] > 0
+    assert rows["kdistill"]["heavy_added"] == "-", "import kdistill pulled in optional packages"
