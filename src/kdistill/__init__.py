@@ -27,6 +27,7 @@ from .losses import CosineLoss as CosineLoss
 from .losses import DKDLoss as DKDLoss
 from .losses import HintLoss as HintLoss
 from .losses import JSDLoss as JSDLoss
+from .losses import LMHeadDistillationLoss as LMHeadDistillationLoss
 from .losses import LogitsDistillationLoss as LogitsDistillationLoss
 from .losses import MFTLoss as MFTLoss
 from .losses import MGDLoss as MGDLoss
@@ -63,6 +64,7 @@ __all__ = [
     "HintLoss",
     "JSDLoss",
     "KDLossConfig",
+    "LMHeadDistillationLoss",
     "LayerwiseKDConfig",
     "LogitsDistillationLoss",
     "MFTLoss",

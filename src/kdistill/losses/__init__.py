@@ -10,6 +10,7 @@ from .features import MGDLoss as MGDLoss
 from .features import PKTLoss as PKTLoss
 from .features import RKDLoss as RKDLoss
 from .features import SimilarityPreservingLoss as SimilarityPreservingLoss
+from .lm_head import LMHeadDistillationLoss as LMHeadDistillationLoss
 from .logits import DKDLoss as DKDLoss
 from .logits import JSDLoss as JSDLoss
 from .logits import LogitsDistillationLoss as LogitsDistillationLoss
@@ -27,6 +28,7 @@ __all__ = [
     "DKDLoss",
     "HintLoss",
     "JSDLoss",
+    "LMHeadDistillationLoss",
     "LogitsDistillationLoss",
     "MFTLoss",
     "MGDLoss",

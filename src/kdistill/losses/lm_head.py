@@ -1,0 +1,548 @@
+"""Logit distillation through the lm_head, chunked over tokens, never materializing ``[B, T, V]``.
+
+The loss takes the models' final hidden states and their output projections (lm_heads) instead of
+logits. Tokens are processed in chunks: each chunk computes both lm_head matmuls, the divergence in
+float32 and, in the same pass, its gradient with respect to the student's hidden states, lm_head
+weight and bias. Only those gradients are kept (the chunk's logits are freed before the next
+chunk), so peak memory is O(chunk_size · V) rather than O(B · T · V). The design is that of the
+fused-linear chunked losses of Liger-Kernel
+(``liger_kernel/chunked_loss/fused_linear_distillation.py`` at v0.8.5, BSD-2-Clause); the code
+is kdistill's own, and every divergence formula comes from ``_divergences.py`` (the same one
+the plain logit losses use), differentiated by autograd.
+"""
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _divergences
+from ._divergences import upcast
+from ._registry import register_loss
+from ._utils import extract_logits, position_mask
+
+__all__ = ["LMHeadDistillationLoss"]
+
+VOCAB_ALIGNMENTS: tuple[str, ...] = ("error", "truncate")
+
+# Divergence name -> function of (student_log_probs, teacher_log_probs, ...) in _divergences.
+# ``generalized_jsd`` also takes ``beta``, ``topk_forward_kl`` takes ``k``.
+_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
+    "forward_kl": _divergences.forward_kl,
+    "reverse_kl": _divergences.reverse_kl,
+    "generalized_jsd": _divergences.generalized_jsd,
+    "total_variation": _divergences.total_variation,
+    "topk_forward_kl": _divergences.topk_forward_kl,
+}
+
+# Default chunk when ``chunk_size`` is None: max(128, 2**22 // V) tokens. With V ≥ 32k that is 128
+# tokens, i.e. a few [128, V] float32 buffers alive at once: ~7% of the plain computation's peak
+# at 4096 tokens whatever V (the rest is one float32 gradient of the student lm_head weight),
+# while the three [128, D] x [D, V]-sized matmuls per chunk still run at full speed.
+_MIN_CHUNK_TOKENS = 128
+_LOGITS_PER_CHUNK = 2**22
+
+
+def _check_head(head: Any, role: str) -> None:
+    weight = getattr(head, "weight", None)
+    if not isinstance(head, nn.Module) or not isinstance(weight, Tensor) or weight.ndim != 2:
+        raise TypeError(
+            f"`{role}_lm_head` must be an nn.Module with a 2-D `weight` [V, D] (e.g. nn.Linear), "
+            f"got {type(head).__name__}."
+        )
+    bias = getattr(head, "bias", None)
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != weight.shape[:1]):
+        raise TypeError(
+            f"`{role}_lm_head.bias` must be None or a tensor of shape [{weight.shape[0]}], got "
+            f"{getattr(bias, 'shape', type(bias).__name__)}."
+        )
+
+
+@dataclass(frozen=True)
+class _ChunkSpec:
+    """Everything the autograd function needs besides tensors."""
+
+    divergence: Callable[[Tensor, Tensor], Tensor]
+    temperature: float
+    chunk_size: int
+    vocab_size: int  # V used for both sides (after vocab alignment)
+    ignore_index: int
+    need_grad_hidden: bool
+    need_grad_weight: bool
+    need_grad_bias: bool
+
+
+def _linear(hidden: Tensor, weight: Tensor | None, bias: Tensor | None, vocab_size: int) -> Tensor:
+    """``hidden @ weight[:V].T + bias[:V]`` in the inputs' dtype: ``[c, D] -> [c, V]``.
+
+    Without a weight (no lm_heads bound) the inputs already are logits: ``[c, ≥V] -> [c, V]``.
+    """
+    if weight is None:
+        return hidden[:, :vocab_size]
+    return F.linear(hidden, weight[:vocab_size], None if bias is None else bias[:vocab_size])
+
+
+def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """``log_softmax(logits / T)`` over the vocabulary, in at least float32."""
+    logits = upcast(logits)
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
+class _ChunkedLMHeadDistillation(torch.autograd.Function):
+    """Weighted token sums of the divergence (and optionally CE), gradients computed in forward.
+
+    Inputs are flattened: hidden ``[N, D_s]``/``[N, D_t]``, per-token weights ``[N]`` (mask,
+    normalization and T² folded in), CE targets ``[N]`` and CE weights ``[N]`` (or None). Returns
+    the two scalars ``(kd, ce)``; ``ce`` is 0 when no CE targets are given.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden_s: Tensor,
+        weight_s: Tensor | None,
+        bias_s: Tensor | None,
+        hidden_t: Tensor,
+        weight_t: Tensor | None,
+        bias_t: Tensor | None,
+        kd_weights: Tensor,
+        ce_targets: Tensor | None,
+        ce_weights: Tensor | None,
+        spec: _ChunkSpec,
+    ) -> tuple[Tensor, Tensor]:
+        n, vocab = hidden_s.shape[0], spec.vocab_size
+        with_ce = ce_targets is not None
+        acc_dtype = upcast(hidden_s[:0]).dtype
+        # one set of gradient buffers per output, combined with the output grads in backward
+        grads: dict[str, list[Tensor | None]] = {}
+        for key in ("kd", "ce") if with_ce else ("kd",):
+            grads[key] = [
+                torch.zeros_like(hidden_s) if spec.need_grad_hidden else None,
+                # float32 accumulators: many chunks are summed, low precision would lose them
+                torch.zeros_like(weight_s, dtype=acc_dtype) if spec.need_grad_weight else None,
+                torch.zeros_like(bias_s, dtype=acc_dtype) if spec.need_grad_bias else None,
+            ]
+        kd_total = hidden_s.new_zeros((), dtype=acc_dtype)
+        ce_total = hidden_s.new_zeros((), dtype=acc_dtype)
+        needs_any_grad = spec.need_grad_hidden or spec.need_grad_weight or spec.need_grad_bias
+        for start in range(0, n, spec.chunk_size):
+            rows = slice(start, min(start + spec.chunk_size, n))
+            h_s = hidden_s[rows]  # [c, D_s]
+            teacher_log_probs = _log_probs(
+                _linear(hidden_t[rows], weight_t, bias_t, vocab), spec.temperature
+            )  # [c, V]
+            # a leaf in float32 (a copy for low-precision inputs), so autograd stops here
+            logits = _linear(h_s, weight_s, bias_s, vocab).to(acc_dtype)
+            logits.requires_grad_(needs_any_grad)
+            with torch.enable_grad():
+                per_token = spec.divergence(_log_probs(logits, spec.temperature), teacher_log_probs)
+                kd = (per_token * kd_weights[rows]).sum()
+                losses = [("kd", kd)]
+                if with_ce:
+                    per_token_ce = F.cross_entropy(
+                        logits, ce_targets[rows], ignore_index=spec.ignore_index, reduction="none"
+                    )
+                    losses.append(("ce", (per_token_ce * ce_weights[rows]).sum()))
+            del teacher_log_probs
+            kd_total += kd.detach()
+            if with_ce:
+                ce_total += losses[1][1].detach()
+            if not needs_any_grad:
+                continue
+            for i, (key, value) in enumerate(losses):
+                (grad_logits,) = torch.autograd.grad(
+                    value, logits, retain_graph=i + 1 < len(losses)
+                )
+                grad_hidden, grad_weight, grad_bias = grads[key]
+                if grad_hidden is not None and weight_s is None:  # the inputs were logits
+                    grad_hidden[rows, :vocab] = grad_logits
+                elif grad_hidden is not None:  # [c, V] @ [V, D_s]
+                    grad_hidden[rows] = grad_logits.to(weight_s.dtype) @ weight_s[:vocab]
+                if grad_weight is not None:  # [V, c] @ [c, D_s], accumulated in float32
+                    grad_weight[:vocab].addmm_(grad_logits.t(), h_s.to(acc_dtype))
+                if grad_bias is not None:
+                    grad_bias[:vocab] += grad_logits.sum(0)
+                del grad_logits
+            del logits, losses, per_token, kd
+        ctx.grads = grads
+        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight_s, bias_s))
+        return kd_total, ce_total
+
+    @staticmethod
+    def backward(ctx: Any, grad_kd: Tensor, grad_ce: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        outputs: list[Tensor | None] = [None, None, None]
+        for key, grad_output in (("kd", grad_kd), ("ce", grad_ce)):
+            if key not in ctx.grads:
+                continue
+            # the usual upstream gradient is exactly 1 (loss.backward()): skip a copy of the
+            # [V, D] weight gradient then. The stored gradients are never modified in place, so
+            # backward may run again (retain_graph=True, gradcheck).
+            is_one = bool(grad_output == 1)
+            for i, grad in enumerate(ctx.grads[key]):
+                if grad is None:
+                    continue
+                scaled = grad if is_one else grad * grad_output
+                outputs[i] = scaled if outputs[i] is None else outputs[i] + scaled
+        grad_hidden, grad_weight, grad_bias = outputs
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight_dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+class LMHeadDistillationLoss(nn.Module):
+    """Logit distillation from final hidden states, chunked so that ``[B, T, V]`` never exists.
+
+    For every kept token position ``i`` it computes ``T² · D(softmax(t_i/T), softmax(s_i/T))`` with
+    ``s_i = W_s h_s,i + b_s`` and ``t_i = W_t h_t,i + b_t`` (the two lm_heads), ``D`` one of:
+
+    - ``"forward_kl"``: ``KL(p_T ‖ p_S)`` (Hinton KD, the same value as ``LogitsDistillationLoss``);
+    - ``"reverse_kl"``: ``KL(p_S ‖ p_T)``;
+    - ``"generalized_jsd"``: GKD's ``β·KL(p_T ‖ M) + (1-β)·KL(p_S ‖ M)``, ``M = β·p_T + (1-β)·p_S``
+      (``beta`` defaults to 0.5; β = 0 and β = 1 give forward and reverse KL);
+    - ``"total_variation"``: ``½ Σ |p_T - p_S|``;
+    - ``"topk_forward_kl"``: forward KL over the teacher's top-``k`` classes plus one bucket holding
+      the remaining probability mass of each side (``k`` required).
+
+    The per-token values are summed and divided by the number of kept tokens (or by
+    ``num_items_in_batch`` when given: the Hugging Face convention for gradient accumulation, where
+    each micro-batch divides by the token count of the whole accumulated batch). A position is kept
+    when ``mask`` is True there and its (shifted) label is not ``ignore_index``; an all-masked batch
+    gives 0 and zero gradients. The divergence is computed in float32 whatever the input dtype
+    (float64 inputs stay float64).
+
+    Tokens are processed ``chunk_size`` at a time; each chunk's gradient (w.r.t. the student hidden
+    states, lm_head weight and bias, never the teacher's) is computed right away and only the
+    gradients are kept, so peak memory is O(chunk_size · V) plus one gradient of the student lm_head
+    weight. The consequence: the loss cannot be reduced per token (there is no ``reduction``
+    argument), and its gradients are computed even if ``backward`` is never called.
+
+    The lm_heads are *referenced*, not registered as submodules: the loss has no parameters or
+    ``state_dict`` entries, so checkpoints never hold the teacher's weights (nor a second copy of
+    the student's). The student's head is trained through the student model that owns it; move
+    the models, not the loss, between devices and dtypes. Without lm_heads
+    (``LMHeadDistillationLoss()``, or a loss rebuilt by ``kdistill.restore``, which records only
+    ``get_config()``) the inputs are taken to be logits already (identity heads): the same loss,
+    chunked, on ``[..., V]`` tensors.
+    ``kdistill.llm.restore_causal_lm`` binds the heads again after a restore.
+
+    Args:
+        student_lm_head: The student's output projection (``nn.Linear``-like: ``weight`` [V_s, D_s],
+            optional ``bias`` [V_s]), or None (inputs are logits).
+        teacher_lm_head: The teacher's output projection (``weight`` [V_t, D_t]); None with
+            ``student_lm_head``.
+        divergence: ``"forward_kl"``, ``"reverse_kl"``, ``"generalized_jsd"``,
+            ``"total_variation"`` or ``"topk_forward_kl"``.
+        temperature: Softmax temperature T > 0; the result is multiplied by T² (like
+            ``LogitsDistillationLoss``) so gradient magnitudes do not depend on T.
+        chunk_size: Tokens per chunk. None picks ``max(128, 2**22 // V)`` (128 tokens for V ≥ 32k).
+        ignore_index: Label value whose positions are dropped (Hugging Face uses -100).
+        beta: β of ``"generalized_jsd"`` in [0, 1]; None means 0.5. Only valid with that divergence.
+        k: Number of teacher classes of ``"topk_forward_kl"``; only valid with that divergence.
+        vocab_alignment: What to do when V_s ≠ V_t: ``"error"`` (default) raises, ``"truncate"``
+            compares the first ``min(V_s, V_t)`` classes (the extra rows, usually padding, get no
+            gradient).
+        shift_labels: With ``labels``, the hidden state at position t is scored against the label at
+            t + 1 (causal LM convention: pass the same ``labels`` as to the model); the last
+            position is dropped. Set False when the labels are already shifted.
+        compute_student_loss: When True and ``labels`` are given, ``forward`` also computes the
+            student's next-token cross-entropy (temperature 1, same kept tokens and normalization)
+            from the same chunks; fetch it with ``pop_student_loss()``.
+
+    Example:
+        >>> import torch
+        >>> student_head, teacher_head = torch.nn.Linear(8, 50), torch.nn.Linear(16, 50)
+        >>> loss_fn = LMHeadDistillationLoss(student_head, teacher_head, chunk_size=3)
+        >>> hidden_s = torch.randn(2, 5, 8, requires_grad=True)
+        >>> loss = loss_fn(hidden_s, torch.randn(2, 5, 16))
+        >>> loss.backward()
+        >>> hidden_s.grad.shape, student_head.weight.grad.shape, teacher_head.weight.grad is None
+        (torch.Size([2, 5, 8]), torch.Size([50, 8]), True)
+    """
+
+    def __init__(
+        self,
+        student_lm_head: nn.Module | None = None,
+        teacher_lm_head: nn.Module | None = None,
+        divergence: str = "forward_kl",
+        temperature: float = 1.0,
+        chunk_size: int | None = None,
+        ignore_index: int = -100,
+        beta: float | None = None,
+        k: int | None = None,
+        vocab_alignment: str = "error",
+        shift_labels: bool = True,
+        compute_student_loss: bool = False,
+    ) -> None:
+        super().__init__()
+        if divergence not in _DIVERGENCES:
+            raise ValueError(
+                f"Unknown `divergence` {divergence!r}. Available: {sorted(_DIVERGENCES)}."
+            )
+        for name, value, owner in (("beta", beta, "generalized_jsd"), ("k", k, "topk_forward_kl")):
+            if value is not None and divergence != owner:
+                raise ValueError(
+                    f"`{name}` is only used by divergence={owner!r}, got {name}={value!r} with "
+                    f"divergence={divergence!r}. Drop `{name}` or pick {owner!r}."
+                )
+        if beta is not None and (not isinstance(beta, int | float) or not 0 <= beta <= 1):
+            raise ValueError(f"`beta` must be a number in [0, 1], got {beta!r}.")
+        if divergence == "topk_forward_kl" and (
+            not isinstance(k, int) or isinstance(k, bool) or k < 1
+        ):
+            raise ValueError(
+                f"divergence='topk_forward_kl' needs `k`, a positive int (teacher classes kept), "
+                f"got k={k!r}."
+            )
+        if not isinstance(temperature, int | float) or not temperature > 0:
+            raise ValueError(f"`temperature` must be a positive number, got {temperature!r}.")
+        if chunk_size is not None and (
+            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+        ):
+            raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
+        if vocab_alignment not in VOCAB_ALIGNMENTS:
+            raise ValueError(
+                f"`vocab_alignment` must be one of {list(VOCAB_ALIGNMENTS)}, got "
+                f"{vocab_alignment!r}."
+            )
+        if not isinstance(ignore_index, int):
+            raise TypeError(f"`ignore_index` must be an int, got {type(ignore_index).__name__}.")
+        self.divergence = divergence
+        self.temperature = float(temperature)
+        self.chunk_size = chunk_size
+        self.ignore_index = ignore_index
+        self.beta = None if beta is None else float(beta)
+        self.k = k
+        self.vocab_alignment = vocab_alignment
+        self.shift_labels = bool(shift_labels)
+        self.compute_student_loss = bool(compute_student_loss)
+        # a tuple is not registered by nn.Module: the heads stay out of parameters()/state_dict()
+        self._lm_heads: tuple[nn.Module, nn.Module] | None = None
+        self._student_loss: Tensor | None = None
+        if (student_lm_head is None) != (teacher_lm_head is None):
+            raise ValueError(
+                "Give both `student_lm_head` and `teacher_lm_head`, or neither (the inputs are "
+                "then logits)."
+            )
+        if student_lm_head is not None:
+            self.bind_lm_heads_(student_lm_head, teacher_lm_head)
+
+    # ------------------------------------------------------------------ configuration
+    def get_config(self) -> dict[str, Any]:
+        """The JSON-able constructor arguments, lm_heads excluded (they are runtime objects)."""
+        return {
+            "divergence": self.divergence,
+            "temperature": self.temperature,
+            "chunk_size": self.chunk_size,
+            "ignore_index": self.ignore_index,
+            "beta": self.beta,
+            "k": self.k,
+            "vocab_alignment": self.vocab_alignment,
+            "shift_labels": self.shift_labels,
+            "compute_student_loss": self.compute_student_loss,
+        }
+
+    def extra_repr(self) -> str:
+        """The configuration, shown by ``repr``."""
+        return ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+
+    def bind_lm_heads_(self, student_lm_head: nn.Module, teacher_lm_head: nn.Module) -> None:
+        """Set the lm_heads (in place), checking them and their vocabulary sizes.
+
+        Raises:
+            TypeError: A head has no 2-D ``weight``.
+            ValueError: The vocabulary sizes differ and ``vocab_alignment="error"``.
+        """
+        _check_head(student_lm_head, "student")
+        _check_head(teacher_lm_head, "teacher")
+        self._vocab_size(student_lm_head.weight.shape[0], teacher_lm_head.weight.shape[0])
+        self._lm_heads = (student_lm_head, teacher_lm_head)
+
+    @property
+    def student_lm_head(self) -> nn.Module | None:
+        """The student's lm_head (not a registered submodule), or None when unbound."""
+        return None if self._lm_heads is None else self._lm_heads[0]
+
+    @property
+    def teacher_lm_head(self) -> nn.Module | None:
+        """The teacher's lm_head (not a registered submodule), or None when unbound."""
+        return None if self._lm_heads is None else self._lm_heads[1]
+
+    def pop_student_loss(self) -> Tensor:
+        """Return (and forget) the student cross-entropy computed by the last ``forward``.
+
+        Raises:
+            RuntimeError: The last forward computed none (``compute_student_loss=False``, no
+                ``labels``, or it was already popped).
+        """
+        loss, self._student_loss = self._student_loss, None
+        if loss is None:
+            raise RuntimeError(
+                "No student loss available: construct the loss with compute_student_loss=True and "
+                "pass `labels` to forward (once per pop_student_loss() call)."
+            )
+        return loss
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        student_hidden: Tensor,
+        teacher_hidden: Tensor,
+        *,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> Tensor:
+        """Compute the distillation loss (and the student CE when configured).
+
+        Args:
+            student_hidden: ``[..., T, D_s]`` final hidden states (after the final norm), or a
+                model output holding them as ``logits`` (the recipe's lm_head-less models).
+                Without lm_heads: student logits ``[..., T, V_s]``.
+            teacher_hidden: ``[..., T, D_t]``, same leading shape; detached here.
+            labels: ``[..., T]`` token ids; positions whose (shifted) label is ``ignore_index`` are
+                dropped. With ``shift_labels`` the last position is dropped too.
+            mask: ``[..., T]`` bool aligned with the hidden states; True keeps a position.
+            num_items_in_batch: Divide the token sum by this (global kept-token count) instead of
+                the kept tokens of this call.
+
+        Returns:
+            A scalar, float32 (float64 for float64 inputs).
+        """
+        self._student_loss = None
+        hidden_s = extract_logits(student_hidden, "student")
+        hidden_t = extract_logits(teacher_hidden, "teacher").detach()
+        weight_s = bias_s = weight_t = bias_t = None
+        if self._lm_heads is not None:
+            student_head, teacher_head = self._lm_heads
+            weight_s, bias_s = student_head.weight, getattr(student_head, "bias", None)
+            weight_t, bias_t = teacher_head.weight.detach(), getattr(teacher_head, "bias", None)
+            bias_t = None if bias_t is None else bias_t.detach()
+            vocab = self._vocab_size(weight_s.shape[0], weight_t.shape[0])
+        else:
+            vocab = self._vocab_size(hidden_s.shape[-1], hidden_t.shape[-1])
+        self._check_shapes(hidden_s, hidden_t, weight_s, weight_t)
+        if labels is not None and self.shift_labels:
+            if hidden_s.ndim < 3:
+                raise ValueError(
+                    f"Shifting `labels` needs inputs [..., T, D], got shape "
+                    f"{tuple(hidden_s.shape)}. Pass shift_labels=False for per-position labels."
+                )
+            hidden_s, hidden_t = hidden_s[..., :-1, :], hidden_t[..., :-1, :]
+            labels = labels[..., 1:]
+            mask = None if mask is None else mask[..., :-1]
+        positions = hidden_s.shape[:-1]
+        keep = position_mask(positions, mask, labels, self.ignore_index)
+        weights = self._token_weights(keep, positions, hidden_s.device, num_items_in_batch)
+        with_ce = self.compute_student_loss and labels is not None
+        grad_on = torch.is_grad_enabled()
+        spec = _ChunkSpec(
+            divergence=self._divergence_fn(),
+            temperature=self.temperature,
+            chunk_size=self.chunk_size or max(_MIN_CHUNK_TOKENS, _LOGITS_PER_CHUNK // vocab),
+            vocab_size=vocab,
+            ignore_index=self.ignore_index,
+            need_grad_hidden=grad_on and hidden_s.requires_grad,
+            need_grad_weight=grad_on and weight_s is not None and weight_s.requires_grad,
+            need_grad_bias=grad_on and bias_s is not None and bias_s.requires_grad,
+        )
+        kd, ce = _ChunkedLMHeadDistillation.apply(
+            hidden_s.reshape(-1, hidden_s.shape[-1]),  # [N, D_s]
+            weight_s,
+            bias_s,
+            hidden_t.reshape(-1, hidden_t.shape[-1]),  # [N, D_t]
+            weight_t,
+            bias_t,
+            weights * self.temperature**2,
+            labels.reshape(-1) if with_ce else None,  # [N]
+            weights if with_ce else None,
+            spec,
+        )
+        if with_ce:
+            self._student_loss = ce
+        return kd
+
+    def _vocab_size(self, student_vocab: int, teacher_vocab: int) -> int:
+        """The compared vocabulary size, or ``ValueError`` naming both sizes."""
+        if student_vocab != teacher_vocab and self.vocab_alignment == "error":
+            raise ValueError(
+                f"Student and teacher vocabulary sizes differ: student V={student_vocab}, "
+                f"teacher V={teacher_vocab}. If the tokenizers are the same and the extra rows "
+                "are padding, pass vocab_alignment='truncate' to compare the first "
+                f"{min(student_vocab, teacher_vocab)} classes."
+            )
+        return min(student_vocab, teacher_vocab)
+
+    def _divergence_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
+        fn = _DIVERGENCES[self.divergence]
+        if self.divergence == "generalized_jsd":
+            return functools.partial(fn, beta=0.5 if self.beta is None else self.beta)
+        if self.divergence == "topk_forward_kl":
+            return functools.partial(fn, k=self.k)
+        return fn
+
+    def _check_shapes(
+        self,
+        hidden_s: Tensor,
+        hidden_t: Tensor,
+        weight_s: Tensor | None,
+        weight_t: Tensor | None,
+    ) -> None:
+        for role, hidden, weight in (
+            ("student", hidden_s, weight_s),
+            ("teacher", hidden_t, weight_t),
+        ):
+            if hidden.ndim < 2:
+                raise ValueError(
+                    f"{role} inputs must be [..., D] with at least one token axis, got shape "
+                    f"{tuple(hidden.shape)}."
+                )
+            if weight is not None and hidden.shape[-1] != weight.shape[1]:
+                raise ValueError(
+                    f"{role} hidden states of shape {tuple(hidden.shape)} do not fit the {role} "
+                    f"lm_head weight {tuple(weight.shape)}: expected [..., {weight.shape[1]}]. "
+                    "Pass the final hidden states (after the final norm), not logits."
+                )
+        if hidden_s.shape[:-1] != hidden_t.shape[:-1]:
+            raise ValueError(
+                f"Student inputs {tuple(hidden_s.shape)} and teacher inputs "
+                f"{tuple(hidden_t.shape)} differ in their leading (batch/token) dimensions."
+            )
+
+    def _token_weights(
+        self,
+        keep: Tensor | None,
+        positions: torch.Size,
+        device: torch.device,
+        num_items_in_batch: int | Tensor | None,
+    ) -> Tensor:
+        """Per-token weights ``[N]``: ``keep / count`` (count as in ``reduce_positions``)."""
+        kept = torch.ones(positions, device=device) if keep is None else keep.float()
+        if num_items_in_batch is None:
+            count = kept.sum().clamp(min=1)
+        elif isinstance(num_items_in_batch, Tensor):
+            count = num_items_in_batch.to(device=device, dtype=torch.float32)
+        elif isinstance(num_items_in_batch, int | float) and not isinstance(
+            num_items_in_batch, bool
+        ):
+            if not num_items_in_batch > 0:
+                raise ValueError(
+                    f"`num_items_in_batch` must be positive (the number of kept tokens in the "
+                    f"whole accumulated batch), got {num_items_in_batch!r}."
+                )
+            count = torch.tensor(float(num_items_in_batch), device=device)
+        else:
+            raise TypeError(
+                f"`num_items_in_batch` must be an int, a tensor or None, got "
+                f"{type(num_items_in_batch).__name__}."
+            )
+        return (kept / count).reshape(-1)
+
+
+register_loss("lm_head_distillation", LMHeadDistillationLoss)
