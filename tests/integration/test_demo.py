@@ -1,0 +1,154 @@
+"""The MNIST demo end to end on tiny settings: report, plot, teacher cache, equivalences."""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdistill.cli.__main__ import main
+from kdistill.demo.data import load_dataset, mnist_available
+from kdistill.demo.mnist import PRESETS, _jitter, build_mlp, run_mnist_demo, teacher_cache_key
+from kdistill.demo.report import PUBLISHED, format_table, gap_closed_percent
+
+pytestmark = pytest.mark.integration
+
+TINY = [
+    "--train-samples", "256", "--test-samples", "200", "--teacher-epochs", "1",
+    "--student-epochs", "2", "--no-progress",
+]  # fmt: skip
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny_config(**overrides: object) -> object:
+    fields = dict(
+        teacher_hidden=(32,),
+        student_hidden=(8,),
+        teacher_epochs=1,
+        student_epochs=2,
+        train_samples=256,
+        test_samples=200,
+        seeds=(0,),
+        dataset="digits",
+    )
+    fields.update(overrides)
+    return dataclasses.replace(PRESETS["quick"], **fields)
+
+
+def test_demo_cli_writes_valid_report_and_reuses_cached_teacher(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["demo", *TINY, "--cache-dir", str(tmp_path / "cache")]
+    assert main([*common, "--seeds", "0,1", "--output-dir", str(tmp_path / "run1")]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "run1" / "report.json").read_text())
+    assert (tmp_path / "run1" / "report.png").read_bytes()[:8] == PNG_MAGIC
+    assert format_table(report) in out
+
+    expected_name = "mnist" if mnist_available() else "digits"
+    assert report["dataset"]["name"] == expected_name
+    assert report["dataset"]["train_samples"] == 256
+    assert report["dataset"]["test_samples"] == 200
+    assert report["seeds"] == [0, 1]
+    assert report["config"]["preset"] == "quick"
+    assert report["published"] == PUBLISHED
+    for name in ("student_alone", "distilled"):
+        run = report[name]
+        assert len(run["curves"]) == 2
+        assert all(len(curve) == 2 for curve in run["curves"])
+        assert run["test_errors"] == [curve[-1] for curve in run["curves"]]
+        assert all(0 <= e <= 200 for e in run["test_errors"])
+        assert math.isclose(run["mean"], sum(run["test_errors"]) / 2)
+        diffs = [e - run["mean"] for e in run["test_errors"]]
+        assert math.isclose(run["std"], math.sqrt(sum(d * d for d in diffs) / (2 - 1)))
+    teacher = report["teacher"]
+    assert teacher["cached"] is False
+    assert len(teacher["curve"]) == 1
+    alone, distilled = report["student_alone"]["mean"], report["distilled"]["mean"]
+    gap = report["gap_closed_percent"]
+    if alone > teacher["test_errors"]:
+        assert math.isclose(gap, 100 * (alone - distilled) / (alone - teacher["test_errors"]))
+    else:
+        assert gap is None
+    assert Path(teacher["cache_file"]).is_file()
+    assert set(report["versions"]) >= {"python", "torch", "kdistill"}
+
+    # Second run: the teacher comes from the cache, with the same weights and test errors.
+    assert main([*common, "--seed", "0", "--output-dir", str(tmp_path / "run2")]) == 0
+    second = json.loads((tmp_path / "run2" / "report.json").read_text())
+    assert second["teacher"]["cached"] is True
+    assert second["teacher"]["test_errors"] == teacher["test_errors"]
+    assert second["teacher"]["cache_key"] == teacher["cache_key"]
+    # same seed, same data, same teacher: the seed-0 students are reproduced exactly
+    assert second["student_alone"]["curves"][0] == report["student_alone"]["curves"][0]
+    assert second["distilled"]["curves"][0] == report["distilled"]["curves"][0]
+    assert "loaded from cache" in capsys.readouterr().out
+
+
+def test_zero_kd_weight_distilled_student_equals_student_alone(tmp_path: Path) -> None:
+    # With kd_loss_weight=0 the kd_loss path reduces to plain cross-entropy: given the same
+    # initialization and batches, the distilled run must reproduce the student-alone run.
+    config = _tiny_config(kd_loss_weight=0.0, seeds=(3,))
+    report = run_mnist_demo(config, cache_dir=None, progress=False)
+    assert report["distilled"]["curves"] == report["student_alone"]["curves"]
+    assert report["teacher"]["cached"] is False
+    assert report["teacher"]["cache_file"] is None
+
+
+def test_digits_dataset_and_fallback_note(tmp_path: Path) -> None:
+    data = load_dataset("digits")
+    assert data.in_features == 64
+    assert len(data.y_train) + len(data.y_test) == 1797
+    assert float(data.x_train.max()) <= 1.0
+    assert data.note == ""
+    report = run_mnist_demo(_tiny_config(), cache_dir=tmp_path, progress=False)
+    assert report["dataset"]["name"] == "digits"
+    assert report["student_params"] == 64 * 8 + 8 + 8 * 10 + 10
+    assert report["teacher"]["params"] == 64 * 32 + 32 + 32 * 10 + 10
+
+
+def test_load_dataset_rejects_unknown_name() -> None:
+    with pytest.raises(ValueError, match=r"`dataset` must be one of \['auto', 'digits', 'mnist'\]"):
+        load_dataset("cifar")
+
+
+def test_teacher_cache_key_tracks_teacher_fields_only() -> None:
+    data = load_dataset("digits")
+    base = _tiny_config()
+    key = teacher_cache_key(base, data)
+    assert teacher_cache_key(dataclasses.replace(base, seeds=(5, 6), temperature=9.0), data) == key
+    for change in ({"teacher_hidden": (64,)}, {"teacher_epochs": 3}, {"teacher_seed": 1}):
+        assert teacher_cache_key(dataclasses.replace(base, **change), data) != key
+    assert teacher_cache_key(base, data.subset(100, None)) != key
+
+
+def test_jitter_matches_shifting_by_hand() -> None:
+    images = torch.rand(4, 784)
+    generator = torch.Generator().manual_seed(1)
+    shifted = _jitter(images, 2, generator)
+    # replay the generator to know each image's shift, then shift with plain slicing
+    shifts = torch.randint(0, 5, (2, 4), generator=torch.Generator().manual_seed(1))
+    for b in range(4):
+        dy, dx = int(shifts[0, b]) - 2, int(shifts[1, b]) - 2
+        padded = torch.nn.functional.pad(images[b].view(28, 28), (2, 2, 2, 2))
+        expected = padded[2 + dy : 30 + dy, 2 + dx : 30 + dx]
+        torch.testing.assert_close(shifted[b].view(28, 28), expected)
+
+
+def test_build_mlp_layers() -> None:
+    model = build_mlp(784, (1200, 1200), 10, dropout=0.5, input_dropout=0.2)
+    linear = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [
+        (784, 1200),
+        (1200, 1200),
+        (1200, 10),
+    ]
+    assert [m.p for m in model if isinstance(m, torch.nn.Dropout)] == [0.2, 0.5, 0.5]
+
+
+def test_gap_closed_and_published_row() -> None:
+    assert math.isclose(PUBLISHED["gap_closed_percent"], round(100 * 72 / 79, 1))
+    assert gap_closed_percent(10, 30, 20) == 50.0
+    assert gap_closed_percent(30, 30, 20) is None
