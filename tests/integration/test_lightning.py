@@ -1,0 +1,185 @@
+"""``kdistill.lightning.distill`` / ``KDModule`` with a real ``lightning.Trainer`` on CPU."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+L = pytest.importorskip("lightning")
+
+import kdistill as mtd  # noqa: E402
+from kdistill.lightning import KDModule, distill  # noqa: E402
+from kdistill.testing.models import TinyMLP  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+TEMPERATURE, KD_WEIGHT, LR, STEPS = 2.0, 0.75, 0.5, 4
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = TinyMLP(hidden=hidden)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_ce", loss)  # the module's own logging keeps working
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_ce", F.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+def make_loader(seed: int = 0) -> torch.utils.data.DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    x, y = (
+        torch.randn(4 * STEPS, 16, generator=gen),
+        torch.randint(0, 10, (4 * STEPS,), generator=gen),
+    )
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+
+
+def make_trainer(tmp_path, **kwargs) -> "L.Trainer":
+    options = {
+        "accelerator": "cpu",
+        "max_steps": STEPS,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+        "num_sanity_val_steps": 0,
+    }
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def hand_kd(student_logits, teacher_logits) -> torch.Tensor:
+    """T² · mean over samples of Σ p_t (log p_t − log p_s), written out."""
+    log_p_s = (student_logits / TEMPERATURE).log_softmax(-1)
+    log_p_t = (teacher_logits / TEMPERATURE).log_softmax(-1)
+    return TEMPERATURE**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
+
+
+def distilled(teacher) -> KDModule:
+    return distill(
+        Classifier(),
+        student="net",
+        teacher_model=teacher,
+        criterion=mtd.LogitsDistillationLoss(temperature=TEMPERATURE),
+        loss_balancer=mtd.StaticLossBalancer(kd_loss_weight=KD_WEIGHT),
+    )
+
+
+def test_fit_matches_a_plain_pytorch_kd_loop_and_checkpoints_exclude_teacher(tmp_path):
+    teacher = TinyMLP(hidden=64)
+    teacher_start = copy.deepcopy(teacher.state_dict())
+    module = distilled(teacher)
+    start = copy.deepcopy(module.net.state_dict())
+    teacher_calls = []
+    teacher.register_forward_hook(lambda *_: teacher_calls.append(1))
+
+    trainer = make_trainer(tmp_path, limit_val_batches=2, val_check_interval=STEPS)
+    trainer.fit(module, make_loader(), make_loader(seed=1))
+    # the teacher ran once per training step, never in the validation run
+    assert len(teacher_calls) == STEPS
+
+    # the same steps written by hand: SGD on 0.75 · KD + 0.25 · CE
+    reference = TinyMLP()
+    reference.load_state_dict(start)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
+    for x, y in make_loader():
+        logits = reference(x)
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        kd, ce = hand_kd(logits, teacher_logits), F.cross_entropy(logits, y)
+        loss = KD_WEIGHT * kd + (1 - KD_WEIGHT) * ce
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.testing.assert_close(
+        mtd.export(copy.deepcopy(module.net)).state_dict(), reference.state_dict()
+    )
+
+    # components logged with self.log (the last step's values); the module's own log too
+    metrics = trainer.callback_metrics
+    assert {"kd_loss", "student_loss", "total_loss", "LogitsDistillationLoss_0", "train_ce"} <= set(
+        metrics
+    )
+    torch.testing.assert_close(
+        metrics["total_loss"],
+        KD_WEIGHT * metrics["kd_loss"] + (1 - KD_WEIGHT) * metrics["student_loss"],
+    )
+    assert "val_ce" in metrics
+
+    # frozen, unchanged, never in the optimizer
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in teacher_start.items())
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in teacher.parameters()}
+
+    # checkpoints: no teacher; load into the plain class and into a distilled module
+    path = tmp_path / "kd.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert set(state) == {f"net.{k}" for k in TinyMLP().state_dict()}
+    plain = Classifier.load_from_checkpoint(path)
+    assert type(plain) is Classifier
+    torch.testing.assert_close(plain.net.state_dict(), reference.state_dict())
+    again = distilled(TinyMLP(hidden=64))
+    again.load_state_dict(state)  # strict: the missing teacher entries are expected
+    torch.testing.assert_close(mtd.export(again.net).state_dict(), reference.state_dict())
+
+
+def test_kd_only_without_balancer_and_deepcopy(tmp_path):
+    module = distill(
+        Classifier(),
+        student="net",
+        teacher_model=TinyMLP(hidden=64),
+        criterion=mtd.LogitsDistillationLoss(),
+    )
+    clone = copy.deepcopy(module)
+    assert type(clone) is type(module)
+    assert isinstance(clone.net, mtd.DistillationModel)
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, make_loader())
+    metrics = trainer.callback_metrics
+    torch.testing.assert_close(metrics["total_loss"], metrics["kd_loss"])
+    assert "student_loss" in metrics  # logged, not trained on
+
+
+class ManualClassifier(Classifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+@pytest.mark.parametrize(
+    ("make_module", "kwargs", "error", "match"),
+    [
+        (lambda: torch.nn.Linear(2, 2), {}, TypeError, "must be a lightning.LightningModule"),
+        (Classifier, {"student": "nett"}, ValueError, "is not a submodule"),
+        (ManualClassifier, {}, ValueError, "manual optimization"),
+        (lambda: distilled(TinyMLP()), {}, RuntimeError, "already distilled"),
+    ],
+    ids=["not-lightning", "unknown-student", "manual-optimization", "twice"],
+)
+def test_distill_validation(make_module, kwargs, error, match):
+    options = {
+        "student": "net",
+        "teacher_model": TinyMLP(),
+        "criterion": mtd.LogitsDistillationLoss(),
+    }
+    options.update(kwargs)
+    with pytest.raises(error, match=match):
+        distill(make_module(), **options)
+
+
+def test_kdmodule_is_not_built_directly():
+    with pytest.raises(TypeError, match="not built directly"):
+        KDModule()
