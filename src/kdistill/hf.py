@@ -9,7 +9,7 @@ Install the extra: ``pip install "kdistill[hf]"``. This module is never imported
 """
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 try:
@@ -100,6 +100,21 @@ def _student_only(state_dict: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
 
 
+def _check_label_alignment(model: Any, criterion: Any) -> None:
+    """Refuse losses that shift labels themselves: KDTrainer passes them aligned already."""
+    if isinstance(model, DistillationModel):
+        losses = [pair.loss for pair in model._kd_pairs]
+    else:
+        losses = list(criterion.values()) if isinstance(criterion, Mapping) else [criterion]
+    shifting = [type(loss).__name__ for loss in losses if getattr(loss, "shift_labels", False)]
+    if shifting:
+        raise ValueError(
+            f"{shifting} shift `labels` themselves (shift_labels=True), but KDTrainer passes "
+            "`labels` and `mask` already aligned with the logits (next-token shift done once). "
+            "Construct them with shift_labels=False."
+        )
+
+
 def _distillation_model(
     model: Any, teacher_model: Any, criterion: Any, loss_balancer: Any
 ) -> DistillationModel:
@@ -170,8 +185,14 @@ class KDTrainer(transformers.Trainer):
     number of target tokens of the whole optimizer step (``num_items_in_batch``: all gradient
     accumulation micro-batches and, with ``average_tokens_across_devices``, all ranks), exactly
     like Hugging Face's cross-entropy, so accumulation and data parallelism give the loss of the
-    full batch. Any other reduction is taken as a per-micro-batch mean and divided by the number
-    of accumulation steps.
+    full batch. A loss whose ``forward`` takes ``num_items_in_batch`` (``LMHeadDistillationLoss``)
+    receives it and divides by it itself. Any other loss is taken as a per-micro-batch mean and
+    divided by the number of accumulation steps. Losses that shift labels themselves must be built
+    with ``shift_labels=False``: the labels they receive are aligned with the logits already.
+
+    ``LMHeadDistillationLoss`` on the final hidden states (e.g.
+    ``{("model.norm", "model.norm"): LMHeadDistillationLoss(student.lm_head, teacher.lm_head,
+    shift_labels=False)}`` for Llama) gives the default criterion's loss and gradients, chunked.
 
     Logging: ``loss`` (the total), ``kd_loss`` (sum of the KD terms), ``ce_loss`` and each KD term
     are averaged over the steps since the last log and passed to ``Trainer.log`` at
@@ -235,6 +256,7 @@ class KDTrainer(transformers.Trainer):
                 f"(got {args.label_smoothing_factor}): the student's loss comes from the model. "
                 "Set it to 0; distillation already softens the targets."
             )
+        _check_label_alignment(model, criterion)
         model = _distillation_model(model, teacher_model, criterion, loss_balancer)
         super().__init__(model=model, args=args, **trainer_kwargs)
         # Causal LMs predict labels[t + 1] at position t. Trainer infers this from `loss_type`,
@@ -255,10 +277,17 @@ class KDTrainer(transformers.Trainer):
         """The converted student (unwrapped from DDP / compile wrappers)."""
         return self.model  # Trainer keeps the core model here, whatever wraps it
 
-    def _kd_loss_kwargs(self, inputs: dict[str, Any], logits_shape: torch.Size) -> dict[str, Any]:
-        """``mask`` and aligned ``labels`` for the losses that accept them."""
+    def _kd_loss_kwargs(
+        self,
+        inputs: dict[str, Any],
+        logits_shape: torch.Size,
+        num_items_in_batch: Tensor | int | None,
+    ) -> dict[str, Any]:
+        """``mask``, aligned ``labels`` and ``num_items_in_batch`` for the losses that take them."""
         labels = inputs.get("labels")
         candidates: dict[str, Any] = {}
+        if num_items_in_batch is not None:
+            candidates["num_items_in_batch"] = num_items_in_batch
         if "shift_labels" in inputs:  # padding-free collators give aligned labels themselves
             labels = inputs["shift_labels"]
             candidates["mask"] = labels != IGNORE_INDEX
@@ -310,7 +339,7 @@ class KDTrainer(transformers.Trainer):
         distillation_model = self.distillation_model
         logits = outputs.get("logits") if isinstance(outputs, dict) else None
         logits_shape = logits.shape if isinstance(logits, Tensor) else torch.Size()
-        loss_kwargs = self._kd_loss_kwargs(inputs, logits_shape)
+        loss_kwargs = self._kd_loss_kwargs(inputs, logits_shape, num_items_in_batch)
         kd_terms = distillation_model.compute_kd_loss(skip_balancer=True, **loss_kwargs)
 
         # Scale every term so that summing the micro-batches of a step (and averaging ranks, as
@@ -331,8 +360,12 @@ class KDTrainer(transformers.Trainer):
         else:
             token_divisor = max(logits_shape[:-1].numel(), 1) * accumulation
         for (name, term), pair in zip(kd_terms.items(), distillation_model._kd_pairs, strict=True):
-            summed = getattr(pair.loss, "reduction", None) == "sum"
-            kd_terms[name] = term / token_divisor if summed else term / accumulation
+            if "num_items_in_batch" in pair.kwargs_for(loss_kwargs):
+                kd_terms[name] = term * world  # divided by the step's token count by the loss
+            elif getattr(pair.loss, "reduction", None) == "sum":
+                kd_terms[name] = term / token_divisor
+            else:
+                kd_terms[name] = term / accumulation
         if student_loss is not None:  # HF's loss is a sum / num_items_in_batch, else a mean
             student_loss = (
                 student_loss * world

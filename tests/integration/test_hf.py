@@ -121,6 +121,49 @@ def test_loss_equals_hand_computed_masked_kd(tmp_path, build, kd_weight):
         torch.testing.assert_close(loss_half.double(), expected / 2, rtol=1e-5, atol=1e-7)
 
 
+def test_lm_head_loss_on_final_hidden_states_equals_default_criterion(tmp_path):
+    """LMHeadDistillationLoss (chunked, from hidden states) gives the default criterion's loss."""
+    student, teacher = tiny_llama(1), tiny_llama(2)
+    student_copy = tiny_llama(1)
+    student_copy.load_state_dict(student.state_dict())
+    lm_head_loss = mtd.LMHeadDistillationLoss(
+        student_copy.lm_head, teacher.lm_head, chunk_size=5, shift_labels=False
+    )
+    default = KDTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path))
+    chunked = KDTrainer(
+        model=student_copy,
+        teacher_model=teacher,
+        criterion={("model.norm", "model.norm"): lm_head_loss},
+        args=make_args(tmp_path),
+    )
+    inputs = batch_of(make_data(3))
+    for num_items in (None, 2 * int(next_token_mask(inputs["labels"]).sum())):
+        losses = []
+        for trainer in (default, chunked):
+            trainer.model.train()
+            losses.append(trainer.compute_loss(trainer.model, inputs, num_items_in_batch=num_items))
+        torch.testing.assert_close(losses[1], losses[0])
+    for loss in losses:
+        loss.backward()
+    for (name, p), (_, p_copy) in zip(
+        student.named_parameters(), student_copy.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(p_copy.grad, p.grad, msg=name)
+
+
+def test_losses_that_shift_labels_themselves_are_refused(tmp_path):
+    student, teacher = tiny_llama(1), tiny_llama(1)
+    loss = mtd.LMHeadDistillationLoss(student.lm_head, teacher.lm_head)  # shift_labels=True
+    with pytest.raises(ValueError, match="shift_labels=False"):
+        KDTrainer(
+            model=student,
+            teacher_model=teacher,
+            criterion={("model.norm", "model.norm"): loss},
+            args=make_args(tmp_path),
+        )
+    assert not isinstance(student, mtd.DistillationModel)  # refused before converting
+
+
 def test_next_token_mask_shifts_labels():
     labels = torch.tensor([[-100, -100, 3, 4], [1, 2, -100, 5]])
     expected = torch.tensor([[False, True, True, False], [True, False, True, False]])
