@@ -221,16 +221,20 @@ class KDTrainer(transformers.Trainer):
         TypeError: ``model`` is not an ``nn.Module``.
 
     Example:
+        >>> import tempfile
         >>> from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
         >>> config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
         ...                      num_hidden_layers=1, num_attention_heads=2)
         >>> student, teacher = LlamaForCausalLM(config), LlamaForCausalLM(config)
         >>> data = [{"input_ids": torch.arange(6), "labels": torch.arange(6)}] * 4
-        >>> args = TrainingArguments("out-doctest", max_steps=1, report_to=[], use_cpu=True,
-        ...                          per_device_train_batch_size=2, save_strategy="no")
+        >>> args = TrainingArguments(tempfile.mkdtemp(), max_steps=1, report_to=[], use_cpu=True,
+        ...                          per_device_train_batch_size=2, save_strategy="no",
+        ...                          disable_tqdm=True)
         >>> trainer = KDTrainer(model=student, teacher_model=teacher, args=args,
         ...                     train_dataset=data)
-        >>> trainer.train().training_loss >= 0
+        >>> output = trainer.train()  # prints the final log line
+        {'train_runtime': ...}
+        >>> output.training_loss >= 0
         True
     """
 

@@ -1,5 +1,6 @@
 """``kdistill.hf.KDTrainer`` on tiny Llama / GPT-2 models built from configs (no downloads)."""
 
+import doctest
 import json
 
 import pytest
@@ -316,3 +317,11 @@ def test_invalid_model_and_options(tmp_path):
     )
     with pytest.raises(ValueError, match="already a DistillationModel"):
         KDTrainer(model=converted, teacher_model=tiny_llama, args=make_args(tmp_path))
+
+
+def test_docstring_examples():
+    import kdistill.hf as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0, f"{result.failed} doctest(s) failed"

@@ -1,6 +1,7 @@
 """``kdistill.lightning.distill`` / ``KDModule`` with a real ``lightning.Trainer`` on CPU."""
 
 import copy
+import doctest
 
 import pytest
 import torch
@@ -183,3 +184,11 @@ def test_distill_validation(make_module, kwargs, error, match):
 def test_kdmodule_is_not_built_directly():
     with pytest.raises(TypeError, match="not built directly"):
         KDModule()
+
+
+def test_docstring_examples():
+    import kdistill.lightning as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0, f"{result.failed} doctest(s) failed"
