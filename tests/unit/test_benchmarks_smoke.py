@@ -1,6 +1,7 @@
 """Benchmarks are not tests, but each script must still run: tiny sizes, CPU, seconds."""
 
 import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -88,3 +89,18 @@ def test_bench_import_tiny(bench_script, tmp_path):
     assert set(rows) == {"torch", "kdistill"}
     assert rows["torch"]["total_ms"] > 0 and rows["kdistill"]["own_ms"] > 0
     assert rows["kdistill"]["heavy_added"] == "-", "import kdistill pulled in optional packages"
+
+
+@pytest.mark.integration
+def test_bench_llm_kd_tiny(tmp_path):
+    out = tmp_path / "llm_kd.jsonl"
+    stdout = _run("bench_llm_kd.py", "--tiny", "--output", str(out))
+    rows = {row["variant"]: row for row in map(json.loads, out.read_text().splitlines())}
+    # liger-kernel is optional (pip install --no-deps liger-kernel): skipped when absent
+    liger = {"liger"} if importlib.util.find_spec("liger_kernel") else set()
+    assert set(rows) == {"plain", "kdistill"} | liger, stdout
+    # each variant ran in its own process and computed the same loss (the script checks it too)
+    values = [row["loss_value"] for row in rows.values()]
+    assert max(values) - min(values) <= 1e-5 + 1e-3 * max(values)
+    assert all(row["time_s"] > 0 and row["peak_extra_mb"] >= 0 for row in rows.values())
+    assert rows["plain"]["time_vs_plain"] == 1.0 and "memory_vs_plain" in rows["kdistill"]
