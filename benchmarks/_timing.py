@@ -20,11 +20,13 @@ from typing import Any
 import torch
 
 __all__ = [
+    "CLOCKS",
     "environment",
     "format_table",
     "git_commit",
     "interleaved_times",
     "median",
+    "paired_ratio",
     "synchronize",
     "time_fn",
     "write_rows",
@@ -45,14 +47,36 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def _time_block(fn: Callable[[], object], number: int, device: torch.device | str) -> float:
-    """Seconds per call of ``fn``, averaged over ``number`` back-to-back calls."""
+def paired_ratio(times: Sequence[float], baseline: Sequence[float]) -> float:
+    """Median over rounds of ``times[i] / baseline[i]``, for two series from ``interleaved_times``.
+
+    Each round's two blocks ran back to back, so a burst of load from other processes mostly
+    cancels in their ratio; on a shared machine this is steadier than a ratio of medians.
+    """
+    if len(times) != len(baseline) or not times:
+        raise ValueError(
+            f"Need two non-empty series of equal length, got {len(times)} and {len(baseline)}."
+        )
+    return median([t / b for t, b in zip(times, baseline, strict=True)])
+
+
+# Clocks: wall time, or the CPU time of this process (all its threads). On a shared CPU machine
+# the CPU time leaves out the time the process waits while other processes run, so it measures
+# the work itself; it is meaningless for GPU work, which the CPU only waits for.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_block(
+    fn: Callable[[], object], number: int, device: torch.device | str, clock: str
+) -> float:
+    """Seconds per call of ``fn`` on ``clock``, averaged over ``number`` back-to-back calls."""
+    now = CLOCKS[clock]
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     for _ in range(number):
         fn()
     synchronize(device)
-    return (time.perf_counter() - start) / number
+    return (now() - start) / number
 
 
 def interleaved_times(
@@ -62,6 +86,7 @@ def interleaved_times(
     repeats: int,
     warmup: int = 1,
     device: torch.device | str = "cpu",
+    clock: str = "wall",
 ) -> dict[str, list[float]]:
     """Time competing callables in interleaved rounds (A B C, B C A, C A B, ...).
 
@@ -75,10 +100,14 @@ def interleaved_times(
         repeats: Timed rounds; report the median of the ``repeats`` block times.
         warmup: Untimed blocks of ``number`` calls per callable before timing.
         device: Synchronised before and after each block.
+        clock: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``: CPU
+            seconds of this process, immune to waiting for other processes; CPU work only).
 
     Returns:
         Name to the list of ``repeats`` per-call times in seconds.
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"`clock` must be one of {sorted(CLOCKS)}, got {clock!r}.")
     if number < 1 or repeats < 1 or warmup < 0:
         raise ValueError(
             f"`number` and `repeats` must be >= 1 and `warmup` >= 0, got number={number}, "
@@ -87,12 +116,12 @@ def interleaved_times(
     names = list(fns)
     for _ in range(warmup):
         for name in names:
-            _time_block(fns[name], number, device)
+            _time_block(fns[name], number, device, clock)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(_time_block(fns[name], number, device))
+            times[name].append(_time_block(fns[name], number, device, clock))
     return times
 
 
@@ -103,10 +132,11 @@ def time_fn(
     repeats: int,
     warmup: int = 1,
     device: torch.device | str = "cpu",
+    clock: str = "wall",
 ) -> list[float]:
     """Per-call times in seconds of ``repeats`` blocks of ``number`` calls of one callable."""
     return interleaved_times(
-        {"fn": fn}, number=number, repeats=repeats, warmup=warmup, device=device
+        {"fn": fn}, number=number, repeats=repeats, warmup=warmup, device=device, clock=clock
     )["fn"]
 
 

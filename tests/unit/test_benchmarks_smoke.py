@@ -70,7 +70,8 @@ def test_bench_step_tiny(bench_script, tmp_path, capsys):
         assert row["median_us"] > 0
         assert row["commit"] and row["torch"] == torch.__version__
         plain = next(r for r in rows if r["case"] == row["case"] and r["variant"] == "plain")
-        assert row["ratio_vs_plain"] == pytest.approx(row["median_us"] / plain["median_us"])
+        assert row["ratio_of_medians"] == pytest.approx(row["median_us"] / plain["median_us"])
+        assert row["ratio_vs_plain"] > 0 and plain["ratio_vs_plain"] == 1.0
         assert row["first_loss"] == pytest.approx(plain["first_loss"], rel=1e-5)
 
 
@@ -89,6 +90,20 @@ def test_bench_import_tiny(bench_script, tmp_path):
     assert set(rows) == {"torch", "kdistill"}
     assert rows["torch"]["total_ms"] > 0 and rows["kdistill"]["own_ms"] > 0
     assert rows["kdistill"]["heavy_added"] == "-", "import kdistill pulled in optional packages"
+
+
+@pytest.mark.integration
+def test_bench_cache_tiny(bench_script, tmp_path):
+    out = tmp_path / "cache.jsonl"
+    assert bench_script("bench_cache").main(["--tiny", "--output", str(out)]) == 0
+    speed, size = map(json.loads, out.read_text().splitlines())
+    assert speed["question"] == "speed" and size["question"] == "size"
+    assert min(speed["live_ms"], speed["cached_ms"], speed["cached_ids_ms"]) > 0
+    assert speed["teacher_params"] > speed["student_params"]
+    assert speed["speedup"] == pytest.approx(speed["live_ms"] / speed["cached_ms"])
+    # the analytic size is exact per position and an upper bound on the per-shard padding
+    assert 6 * size["top_k"] + 4 <= size["bytes_per_token"] <= size["analytic_bytes_per_token"]
+    assert size["bytes"] == size["bytes_per_token"] * size["samples"] * size["seq_len"]
 
 
 @pytest.mark.integration
