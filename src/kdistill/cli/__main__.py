@@ -8,13 +8,14 @@ import sys
 from collections.abc import Sequence
 
 import kdistill
+from kdistill.cache import cli as _cache_teacher
 
 from . import CLIError, _demo, _inspect
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 # One module per subcommand, in the order ``kdistill --help`` lists them.
-COMMANDS = (_demo, _inspect)
+COMMANDS = (_demo, _inspect, _cache_teacher)
 
 
 def build_parser() -> argparse.ArgumentParser:
