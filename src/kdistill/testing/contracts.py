@@ -99,7 +99,11 @@ def _labelled_logit_inputs(generator: torch.Generator) -> LossInputs:
     return replace(inputs, labels=torch.randint(0, 5, (2, 3), generator=generator))
 
 
-def _feature_inputs(*student_shape: int, teacher_shape: tuple[int, ...] | None = None):
+def _feature_inputs(
+    *student_shape: int, teacher_shape: tuple[int, ...] | None = None
+) -> Callable[[torch.Generator], LossInputs]:
+    """Random feature inputs of the given shapes (teacher shape defaults to the student's)."""
+
     def make(generator: torch.Generator) -> LossInputs:
         student = torch.randn(*student_shape, generator=generator)
         teacher = torch.randn(*(teacher_shape or student_shape), generator=generator)
@@ -113,7 +117,9 @@ class LossRecipe:
     """How the contract builds a small instance of a loss and inputs for it.
 
     Attributes:
-        make_loss: Zero-argument callable returning a fresh loss instance.
+        make_loss: Zero-argument callable returning a fresh loss instance (logit losses with
+            their default ``"batchmean"`` reduction: the masking check compares against the
+            loss over the kept positions).
         make_inputs: ``generator -> LossInputs``: small float32 inputs (logit losses:
             ``[B, T, C]`` with labels ``[B, T]`` when needed).
         kind: ``"logits"`` (also checks shift invariance and masking) or ``"features"``.
