@@ -52,7 +52,7 @@ class CachedTeacher(nn.Module):
     Full layers come back as tensors ``[B, *sample_shape]`` (cast to ``output_dtype``), top-k
     layers as a ``kdistill.TopKTeacher`` (the input of ``TopKLogitsKLLoss``). A layer that was
     not cached is unknown to ``convert``, which then lists the cached ones. Outputs are placed on
-    the device of the inputs.
+    the device of the inputs. ``layerwise_kd``, which needs teacher layer *inputs*, is refused.
 
     Samples are found by hashing their inputs (see ``sample_input_hashes``), or by the ids given
     with ``sample_ids(ids)``; with ids and ``verify_inputs`` (the default), the inputs' hashes
@@ -166,6 +166,7 @@ class CachedTeacher(nn.Module):
         Raises:
             ValueError: Samples that are not cached, or whose inputs changed since the build.
         """
+        self._check_hooks()
         inputs = self._teacher_inputs(args, kwargs)
         first = inputs if isinstance(inputs, Tensor) else next(iter(inputs.values()))
         device, batch_size = first.device, first.shape[0]
@@ -188,6 +189,24 @@ class CachedTeacher(nn.Module):
             else:
                 output = value
         return output
+
+    def _check_hooks(self) -> None:
+        """Refuse uses a cache cannot serve, instead of feeding the hooks wrong values."""
+        if "" not in self.cache.layers and self._forward_hooks:
+            raise RuntimeError(
+                "The teacher's output ('') is used (e.g. by a criterion pair with teacher layer "
+                f"''), but the cache holds only layers {self.cache.layers}. Rebuild it with "
+                "layers=['', ...], or pair the loss with a cached layer."
+            )
+        for name, module in self.named_modules():
+            if isinstance(module, _CachedLayer) and any(
+                getattr(hook, "keep_inputs", False) for hook in module._forward_hooks.values()
+            ):
+                raise RuntimeError(
+                    f"Layer {name!r} of a CachedTeacher is used by 'layerwise_kd', which feeds "
+                    "the teacher layer's inputs to the student; a cache holds layer outputs only. "
+                    "Use 'kd_loss' with a cached teacher, or a live teacher for 'layerwise_kd'."
+                )
 
     def _load(self, layer: str, rows: Tensor, device: torch.device) -> Tensor | TopKTeacher:
         fields = self.cache.gather(layer, rows)

@@ -360,3 +360,39 @@ def test_verify_checks_teacher_and_data(tmp_path, teacher, data) -> None:
         cache.verify(teacher=TinyMLP(16, 32, 10))
     with pytest.raises(ValueError, match=r"Layer 'fc1' is not cached; cached layers: \[''\]"):
         cache.layer_info("fc1")
+
+
+def test_uncached_output_and_layerwise_are_refused(
+    tmp_path, teacher, student, loader, data
+) -> None:
+    _build(teacher, loader, tmp_path, layers=["fc2"])
+    x = data[1][:BATCH]
+    model = mtd.convert(
+        copy.deepcopy(student),
+        mode=[
+            (
+                "kd_loss",
+                {
+                    "teacher_model": CachedTeacher(tmp_path),
+                    "criterion": mtd.LogitsDistillationLoss(),
+                },
+            )
+        ],
+    )
+    with pytest.raises(RuntimeError, match=r"teacher's output \(''\) is used.*\['fc2'\]"):
+        model(x)
+    layerwise = mtd.convert(
+        copy.deepcopy(student),
+        mode=[
+            (
+                "layerwise_kd",
+                {
+                    "teacher_model": CachedTeacher(tmp_path),
+                    "criterion": {("fc2", "fc2"): torch.nn.MSELoss()},
+                },
+            )
+        ],
+    )
+    with pytest.raises(RuntimeError, match="'fc2' of a CachedTeacher is used by 'layerwise_kd'"):
+        layerwise(x)
+    assert CachedTeacher(tmp_path)(x) is None  # no hooks: nothing to serve at the root
