@@ -361,7 +361,7 @@ def build_cache(
         )
     path.mkdir(parents=True, exist_ok=True)
 
-    teacher_was_training = teacher.training
+    training_flags = [(module, module.training) for module in teacher.modules()]
     teacher.eval()
     recorders: dict[str, _Recorder] = {}
     handles = []
@@ -373,7 +373,7 @@ def build_cache(
     device = params[0].device if params else torch.device("cpu")
     bar = _progress(dataloader, progress)
     try:
-        manifest = _run(
+        _run(
             teacher,
             dataloader,
             path,
@@ -389,7 +389,8 @@ def build_cache(
     finally:
         for handle in handles:
             handle.remove()
-        teacher.train(teacher_was_training)
+        for module, flag in training_flags:  # restore each submodule's own mode
+            module.training = flag
         if bar is not None:
             bar.close()
     return path

@@ -100,8 +100,9 @@ def test_manifest_records_provenance(tmp_path, teacher, loader, data) -> None:
 
 def test_teacher_mode_and_hooks_are_restored(tmp_path, teacher, loader) -> None:
     teacher.train()
+    teacher.fc2.eval()
     _build(teacher, loader, tmp_path, layers=["fc1", ""])
-    assert teacher.training
+    assert teacher.training and teacher.fc1.training and not teacher.fc2.training
     assert not teacher.fc1._forward_hooks
 
 
