@@ -51,10 +51,12 @@ class TeacherCache:
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> teacher = torch.nn.Linear(4, 3)
         >>> loader = DataLoader(TensorDataset(torch.arange(8), torch.randn(8, 4)), batch_size=4)
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> cache = mtd.TeacherCache.build(
-        ...     teacher, loader, tempfile.mkdtemp(), dtype=torch.float32, progress=False)
+        ...     teacher, loader, tmp.name, dtype=torch.float32, progress=False)
         >>> cache.num_samples, cache.layers
         (8, [''])
+        >>> tmp.cleanup()
     """
 
     def __init__(self, path: str | Path) -> None:

@@ -75,11 +75,13 @@ class CachedTeacher(nn.Module):
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> teacher, x = torch.nn.Linear(4, 3), torch.randn(8, 4)
         >>> loader = DataLoader(TensorDataset(torch.arange(8), x), batch_size=4)
-        >>> path = tempfile.mkdtemp()
-        >>> _ = mtd.TeacherCache.build(teacher, loader, path, dtype=torch.float32, progress=False)
-        >>> cached = mtd.CachedTeacher(path, teacher=teacher)
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> _ = mtd.TeacherCache.build(
+        ...     teacher, loader, tmp.name, dtype=torch.float32, progress=False)
+        >>> cached = mtd.CachedTeacher(tmp.name, teacher=teacher)
         >>> torch.equal(cached(x[4:8]), teacher(x[4:8]).detach())  # batch 2 of the build
         True
+        >>> tmp.cleanup()
     """
 
     def __init__(
