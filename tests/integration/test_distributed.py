@@ -69,6 +69,75 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
         dist.destroy_process_group()
 
 
+def _tiny_llama(layers: int) -> torch.nn.Module:
+    import transformers  # only in the test that needs it
+
+    config = transformers.LlamaConfig(
+        vocab_size=48,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def _kd_trainer_run(tmp_dir: Path) -> dict[str, torch.Tensor]:
+    """2 KDTrainer steps (gradient accumulation 2, uneven token counts) on 8 samples."""
+    import transformers
+
+    from kdistill.hf import KDTrainer
+
+    torch.manual_seed(0)
+    student, teacher = _tiny_llama(1), _tiny_llama(2)
+    generator = torch.Generator().manual_seed(5)
+    data = []
+    for i in range(8):
+        ids = torch.randint(0, 48, (8,), generator=generator)
+        labels = ids.clone()
+        labels[: 1 + i % 5] = -100
+        data.append({"input_ids": ids, "labels": labels})
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    args = transformers.TrainingArguments(
+        str(tmp_dir / f"hf-{world}"),
+        max_steps=2,
+        per_device_train_batch_size=4 // world,  # global batch 8 = 2 micro-batches of 4
+        gradient_accumulation_steps=2,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = KDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+    trainer.train()
+    return mtd.export(trainer.model).state_dict()
+
+
+def _hf_worker(rank: int, port: int, out_dir: Path) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_WORLD_SIZE=str(WORLD),
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        state = _kd_trainer_run(out_dir)
+        if rank == 0:
+            torch.save(state, out_dir / "hf-ddp.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -134,3 +203,16 @@ def test_save_without_process_group_matches_kdistill_save(tmp_path):
     b = torch.load(tmp_path / "b.pt", weights_only=True)
     assert a["kdistill_state"] == b["kdistill_state"]
     torch.testing.assert_close(a["model_state_dict"], b["model_state_dict"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_kd_trainer_under_ddp_matches_single_process(tmp_path):
+    """KDTrainer in 2 processes (the Trainer's own DDP) makes the same updates as 1 process."""
+    pytest.importorskip("transformers")
+    mp.spawn(_hf_worker, args=(_free_port(), tmp_path), nprocs=WORLD, join=True)
+    distributed = torch.load(tmp_path / "hf-ddp.pt", weights_only=True)
+    single = _kd_trainer_run(tmp_path)
+    torch.manual_seed(0)
+    initial = _tiny_llama(1).state_dict()  # the students' starting point
+    assert any(not torch.equal(distributed[k], v) for k, v in initial.items()), "no update"
+    torch.testing.assert_close(distributed, single)
