@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except (ValueError, TypeError) as error:
-        raise CLIError(str(error)) from None
+        raise CLIError(str(error).replace("overwrite=True", "--overwrite")) from None
     print(
         f"teacher cache: {cache.path} ({cache.num_samples} samples of {data.name} "
         f"{args.split}, layers {cache.layers}, {cache.manifest['dtype']}, "

@@ -42,6 +42,7 @@ def test_registered_in_the_kdistill_command(tmp_path, dataset, capsys) -> None:
     assert main([*argv, "--teacher-kwargs", '{"in_features": 64}', "--top-k", "2"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("kdistill cache-teacher: error: ") and "stale" in err
+    assert "Pass --overwrite to rebuild" in err
     assert "\n" not in err
 
 
