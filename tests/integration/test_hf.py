@@ -46,14 +46,17 @@ def tiny_gpt2(layers: int = 1) -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
-def make_data(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Samples with a masked prompt of random length (so token counts differ per sample)."""
+def make_data(
+    n: int, seed: int = 0, prompt_lengths: list[int] | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Samples with a masked prompt (random length by default: token counts differ per sample)."""
     gen = torch.Generator().manual_seed(seed)
     data = []
-    for _ in range(n):
+    for i in range(n):
         ids = torch.randint(0, VOCAB, (SEQ,), generator=gen)
         labels = ids.clone()
-        labels[: int(torch.randint(1, SEQ - 2, (), generator=gen))] = -100
+        prompt = torch.randint(1, SEQ - 2, (), generator=gen)
+        labels[: prompt_lengths[i] if prompt_lengths else int(prompt)] = -100
         data.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(SEQ).long()})
     return data
 
@@ -173,7 +176,9 @@ def test_next_token_mask_shifts_labels():
 
 def test_gradient_accumulation_matches_full_batch(tmp_path):
     """2 micro-batches of 2 with unequal token counts give the step of one batch of 4."""
-    data = make_data(4, seed=1)
+    # targets per sample 6, 5, 4, 2: however the 4 samples are split in pairs, the two
+    # micro-batches hold different token counts (so a per-micro-batch mean would differ)
+    data = make_data(4, seed=1, prompt_lengths=[1, 2, 3, 5])
     teacher = tiny_llama(2)
     start = tiny_llama(1).state_dict()
     results = []
