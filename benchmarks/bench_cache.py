@@ -13,8 +13,10 @@ Variants, timed in interleaved blocks (``_timing.interleaved_times``), median re
 - ``cached``: the same with ``CachedTeacher`` (float16 top-k cache, samples found by input hash);
 - ``cached_ids``: samples named by id (``CachedTeacher.sample_ids``, ``verify_inputs=False``).
 
-Before timing, the script checks that live and cached give the same first-step loss (within the
-float16 storage tolerance) and stops with an error if not. Target: live / cached >= 3.
+``speedup`` is the ratio of the medians, ``speedup_paired`` the median over rounds of the
+per-round ratio (steadier on a shared machine). Before timing, the script checks that live and
+cached give the same first-step loss (within the float16 storage tolerance) and stops with an
+error if not. Target: live / cached >= 3.
 
 Question 2 (size): bytes per token of a top-k cache. Analytically, from the format
 (``kdistill/cache/_format.py``): per position k values in the storage dtype, k int32 indices and one
@@ -28,6 +30,7 @@ Commands (from the repository root):
     .venv/bin/python benchmarks/bench_cache.py                 # default sizes (about a minute)
     .venv/bin/python benchmarks/bench_cache.py --tiny          # smoke run (seconds)
     .venv/bin/python benchmarks/bench_cache.py --threads 1     # on a shared, oversubscribed CPU
+    .venv/bin/python benchmarks/bench_cache.py --clock cpu     # CPU time instead of wall time
     .venv/bin/python benchmarks/bench_cache.py --device cuda --output benchmarks/results/cache.jsonl
 """
 
@@ -41,7 +44,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from _timing import environment, format_table, interleaved_times, median, write_rows
+from _timing import (
+    CLOCKS,
+    environment,
+    format_table,
+    interleaved_times,
+    median,
+    paired_ratio,
+    write_rows,
+)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -128,7 +139,7 @@ def _convert(student: nn.Module, teacher: nn.Module, k: int) -> nn.Module:
     )
 
 
-def bench_speed(cfg: Config, device: torch.device, workdir: Path) -> dict:
+def bench_speed(cfg: Config, device: torch.device, workdir: Path, clock: str = "wall") -> dict:
     """Time live vs cached steps; return one result row."""
     torch.manual_seed(0)
     teacher = TokenMLP(cfg.vocab, cfg.teacher_dim, cfg.teacher_blocks).to(device).eval()
@@ -156,7 +167,9 @@ def bench_speed(cfg: Config, device: torch.device, workdir: Path) -> dict:
                 f"error: first-step loss of {name} ({first[name].item():.6g}) differs from the "
                 f"live teacher's ({first['live'].item():.6g})"
             )
-    times = interleaved_times(steps, number=cfg.number, repeats=cfg.repeats, device=device)
+    times = interleaved_times(
+        steps, number=cfg.number, repeats=cfg.repeats, device=device, clock=clock
+    )
     live, cached, cached_ids = (median(times[k]) for k in ("live", "cached", "cached_ids"))
     tokens_per_step = cfg.batch * cfg.seq_len
     return {
@@ -171,8 +184,11 @@ def bench_speed(cfg: Config, device: torch.device, workdir: Path) -> dict:
         "live_ms": live * 1e3,
         "cached_ms": cached * 1e3,
         "cached_ids_ms": cached_ids * 1e3,
+        "clock": clock,
         "speedup": live / cached,
         "speedup_ids": live / cached_ids,
+        # median over rounds of live / cached (each round's blocks ran back to back)
+        "speedup_paired": 1 / paired_ratio(times["cached"], times["live"]),
         "cached_tokens_per_s": tokens_per_step / cached,
         "bench_cache_bytes_per_token": cache.nbytes / (n * cfg.seq_len),
         "meets_target": live / cached >= SPEEDUP_TARGET,
@@ -223,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--output", type=Path, help="write rows to this .jsonl or .csv file")
     parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or this process's CPU time (steadier on a shared CPU; CPU work only)",
+    )
+    parser.add_argument(
         "--threads", type=int, help="torch intra-op threads (default: torch's; 1 on a busy host)"
     )
     args = parser.parse_args(argv)
@@ -232,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     env = environment(device, torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        speed = bench_speed(cfg, device, Path(tmp))
+        speed = bench_speed(cfg, device, Path(tmp), args.clock)
         size = bench_size(cfg, Path(tmp))
     print(
         f"# bench_cache ({'tiny' if args.tiny else 'full'}) on {env['device']} "
