@@ -201,6 +201,11 @@ class CachedTeacher(nn.Module):
                 "layers=['', ...], or pair the loss with a cached layer."
             )
         for name, module in self.named_modules():
+            if isinstance(module, _Node) and module._forward_hooks:
+                raise RuntimeError(
+                    f"Teacher layer {name!r} is used, but only layers inside it are cached "
+                    f"({self.cache.layers}). Rebuild the cache with {name!r} in `layers`."
+                )
             if isinstance(module, _CachedLayer) and any(
                 getattr(hook, "keep_inputs", False) for hook in module._forward_hooks.values()
             ):

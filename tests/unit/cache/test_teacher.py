@@ -396,3 +396,21 @@ def test_uncached_output_and_layerwise_are_refused(
     with pytest.raises(RuntimeError, match="'fc2' of a CachedTeacher is used by 'layerwise_kd'"):
         layerwise(x)
     assert CachedTeacher(tmp_path)(x) is None  # no hooks: nothing to serve at the root
+
+
+def test_uncached_parent_of_a_cached_layer_is_refused(tmp_path, student, loader) -> None:
+    _build(_Nested(), loader, tmp_path, layers=["", "block.0"])
+    model = mtd.convert(
+        student,
+        mode=[
+            (
+                "kd_loss",
+                {
+                    "teacher_model": CachedTeacher(tmp_path),
+                    "criterion": {("fc2", "block"): torch.nn.MSELoss()},
+                },
+            )
+        ],
+    )
+    with pytest.raises(RuntimeError, match=r"layer 'block' is used, but only layers inside it"):
+        model(next(iter(loader))[1])
