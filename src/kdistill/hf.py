@@ -181,14 +181,16 @@ class KDTrainer(transformers.Trainer):
     The training loss is the KD loss alone when there is no balancer (ModelOpt's convention; the
     cross-entropy is then only logged), else ``loss_balancer({"student_loss": ce, **kd_terms})``.
 
-    Normalization: a KD loss with ``reduction="sum"`` (the default criterion) is divided by the
-    number of target tokens of the whole optimizer step (``num_items_in_batch``: all gradient
-    accumulation micro-batches and, with ``average_tokens_across_devices``, all ranks), exactly
-    like Hugging Face's cross-entropy, so accumulation and data parallelism give the loss of the
-    full batch. A loss whose ``forward`` takes ``num_items_in_batch`` (``LMHeadDistillationLoss``)
-    receives it and divides by it itself. Any other loss is taken as a per-micro-batch mean and
-    divided by the number of accumulation steps. Losses that shift labels themselves must be built
-    with ``shift_labels=False``: the labels they receive are aligned with the logits already.
+    Normalization: when Trainer counts the target tokens of the whole optimizer step
+    (``num_items_in_batch``: all gradient accumulation micro-batches and, with
+    ``average_tokens_across_devices``, all ranks; it does for every model whose ``forward`` takes
+    ``**kwargs``, e.g. all causal LMs), a KD loss with ``reduction="sum"`` (the default criterion)
+    is divided by that count, exactly like Hugging Face's cross-entropy, so accumulation and data
+    parallelism give the loss of the full batch. A loss whose ``forward`` takes
+    ``num_items_in_batch`` (``LMHeadDistillationLoss``) receives it and divides by it itself; any
+    other loss is taken as a per-micro-batch mean. Without a count, every term is a micro-batch
+    mean and Trainer divides by the accumulation steps. Losses that shift labels themselves must
+    be built with ``shift_labels=False``: the labels they receive are aligned with the logits.
 
     ``LMHeadDistillationLoss`` on the final hidden states (e.g.
     ``{("model.norm", "model.norm"): LMHeadDistillationLoss(student.lm_head, teacher.lm_head,
@@ -237,8 +239,6 @@ class KDTrainer(transformers.Trainer):
         >>> output.training_loss >= 0
         True
     """
-
-    loss_is_scaled_for_ga = True  # compute_loss normalizes every term itself, see the docstring
 
     def __init__(
         self,
@@ -346,9 +346,12 @@ class KDTrainer(transformers.Trainer):
         loss_kwargs = self._kd_loss_kwargs(inputs, logits_shape, num_items_in_batch)
         kd_terms = distillation_model.compute_kd_loss(skip_balancer=True, **loss_kwargs)
 
-        # Scale every term so that summing the micro-batches of a step (and averaging ranks, as
-        # DDP does with gradients) gives the mean over the whole step, as Hugging Face does for
-        # its cross-entropy when it is given `num_items_in_batch`.
+        # Scale every term the way Trainer expects its loss. Given `num_items_in_batch` (the
+        # token count of the whole optimizer step, all ranks with average_tokens_across_devices),
+        # Trainer takes the loss as already scaled for gradient accumulation, as Hugging Face's
+        # cross-entropy is: summed terms are divided by that count (times the world size, since
+        # DDP averages gradients), per-micro-batch means by the accumulation steps. Without it,
+        # Trainer divides the loss by the accumulation steps itself: terms stay micro-batch means.
         accumulation = 1
         if model.training:  # set by Trainer.train; the last step of an epoch may be shorter
             accumulation = getattr(
@@ -359,23 +362,22 @@ class KDTrainer(transformers.Trainer):
             if self.args.average_tokens_across_devices:
                 world = self.accelerator.num_processes // self.get_tp_size()
             token_divisor = num_items_in_batch / world
-        elif "mask" in loss_kwargs:
-            token_divisor = loss_kwargs["mask"].sum().clamp(min=1) * accumulation
+            mean_divisor = accumulation
         else:
-            token_divisor = max(logits_shape[:-1].numel(), 1) * accumulation
+            if "mask" in loss_kwargs:
+                token_divisor = loss_kwargs["mask"].sum().clamp(min=1)
+            else:
+                token_divisor = max(logits_shape[:-1].numel(), 1)
+            mean_divisor = 1
         for (name, term), pair in zip(kd_terms.items(), distillation_model._kd_pairs, strict=True):
             if "num_items_in_batch" in pair.kwargs_for(loss_kwargs):
-                kd_terms[name] = term * world  # divided by the step's token count by the loss
+                kd_terms[name] = term * world  # the loss divided by num_items_in_batch itself
             elif getattr(pair.loss, "reduction", None) == "sum":
                 kd_terms[name] = term / token_divisor
             else:
-                kd_terms[name] = term / accumulation
-        if student_loss is not None:  # HF's loss is a sum / num_items_in_batch, else a mean
-            student_loss = (
-                student_loss * world
-                if num_items_in_batch is not None
-                else (student_loss / accumulation)
-            )
+                kd_terms[name] = term / mean_divisor
+        if student_loss is not None and num_items_in_batch is not None:
+            student_loss = student_loss * world  # HF's loss is a sum / num_items_in_batch
 
         balancer = distillation_model.loss_balancer
         if balancer is None:
@@ -389,15 +391,20 @@ class KDTrainer(transformers.Trainer):
         components = {"kd_loss": sum(kd_terms.values()), **kd_terms}
         if student_loss is not None:
             components["ce_loss"] = student_loss
-        self._record(components, model.training, inputs)
+        # log per optimizer step: Trainer divides the unscaled losses by the accumulation steps
+        already_scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        log_scale = 1 if already_scaled else 1 / accumulation
+        self._record(components, model.training, inputs, log_scale)
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ logging
-    def _record(self, components: dict[str, Tensor], training: bool, inputs: dict) -> None:
+    def _record(
+        self, components: dict[str, Tensor], training: bool, inputs: dict, scale: float
+    ) -> None:
         """Accumulate detached components on device (no host sync per step)."""
         if training:
             for name, value in components.items():
-                value = value.detach().float()
+                value = value.detach().float() * scale
                 self._kd_train_sums[name] = self._kd_train_sums.get(name, 0) + value
             return
         batch = next((v.shape[0] for v in inputs.values() if isinstance(v, Tensor)), 1)

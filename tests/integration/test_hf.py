@@ -174,11 +174,18 @@ def test_next_token_mask_shifts_labels():
     assert torch.equal(next_token_mask(labels), expected)
 
 
-def test_gradient_accumulation_matches_full_batch(tmp_path):
-    """2 micro-batches of 2 with unequal token counts give the step of one batch of 4."""
-    # targets per sample 6, 5, 4, 2: however the 4 samples are split in pairs, the two
-    # micro-batches hold different token counts (so a per-micro-batch mean would differ)
-    data = make_data(4, seed=1, prompt_lengths=[1, 2, 3, 5])
+@pytest.mark.parametrize(
+    ("counted", "prompt_lengths"),
+    # counted: targets per sample 6, 5, 4, 2, so however the samples are split in pairs the two
+    # micro-batches hold different token counts (a per-micro-batch mean would differ).
+    # uncounted: Trainer gets no token count and divides micro-batch means by the accumulation
+    # steps, which equals the full batch only for equal counts (as for Hugging Face's own loss)
+    [(True, [1, 2, 3, 5]), (False, [2, 2, 2, 2])],
+    ids=["token-count", "no-token-count"],
+)
+def test_gradient_accumulation_matches_full_batch(tmp_path, counted, prompt_lengths):
+    """2 micro-batches of 2 give the step of one batch of 4 (loss, logs and update)."""
+    data = make_data(4, seed=1, prompt_lengths=prompt_lengths)
     teacher = tiny_llama(2)
     start = tiny_llama(1).state_dict()
     results = []
@@ -193,12 +200,25 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
             learning_rate=1.0,
             max_grad_norm=0.0,
             lr_scheduler_type="constant",
+            logging_steps=1,
         )
-        trainer = KDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+        trainer = KDTrainer(
+            model=student,
+            teacher_model=teacher,
+            loss_balancer=mtd.StaticLossBalancer(kd_loss_weight=0.5),
+            args=args,
+            train_dataset=data,
+        )
+        trainer.model_accepts_loss_kwargs = counted  # what Trainer decides from the signature
         out = trainer.train()
-        results.append((out.training_loss, mtd.export(trainer.model).state_dict()))
-    (loss_full, params_full), (loss_accumulated, params_accumulated) = results
+        (log,) = [log for log in trainer.state.log_history if "kd_loss" in log]
+        results.append((out.training_loss, log, mtd.export(trainer.model).state_dict()))
+    (loss_full, log_full, params_full), (loss_accumulated, log_accumulated, params_accumulated) = (
+        results
+    )
     assert loss_full == pytest.approx(loss_accumulated, rel=1e-5)
+    for key in ("loss", "kd_loss", "ce_loss"):
+        assert log_full[key] == pytest.approx(log_accumulated[key], rel=1e-5), key
     assert any(not torch.equal(params_full[k], start[k]) for k in start), "no training happened"
     torch.testing.assert_close(params_accumulated, params_full)
 
