@@ -65,7 +65,7 @@ def train(
     y: Tensor,
     steps: int,
     batch_size: int,
-    lr: float = 0.1,
+    lr: float = 0.5,
 ) -> list[float]:
     """SGD on this rank's shard of each global batch; returns the local losses.
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     parser.add_argument("--backend", default="gloo")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="distributed_student.pt")
     args = parser.parse_args(argv)
