@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cached_ids_ms",
                 "speedup",
                 "speedup_ids",
+                "speedup_paired",
                 "meets_target",
             ],
         )
