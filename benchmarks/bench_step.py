@@ -87,7 +87,7 @@ CASES = {
         Case("small_mlp", lambda: TinyMLP(128, 256, 100), lambda: TinyMLP(128, 512, 100),
              (64, 128), 100, number=5, repeats=201),
         Case("medium_mlp", lambda: TinyMLP(512, 1024, 1000), lambda: TinyMLP(512, 2048, 1000),
-             (64, 512), 1000, number=1, repeats=41),
+             (64, 512), 1000, number=1, repeats=101),
         Case("small_cnn", lambda: TinyCNN(3, 16, 10), lambda: TinyCNN(3, 32, 10),
              (32, 3, 16, 16), 10, number=1, repeats=101),
     )
