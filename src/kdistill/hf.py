@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer
 from .conversion import convert
+from .llm import _SkippedLMHead, compute_causal_lm_loss
 from .losses.logits import LogitsDistillationLoss
 from .model import LOSS_MODULES_KEY, TEACHER_KEY, DistillationModel
 
@@ -100,8 +101,17 @@ def _student_only(state_dict: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
 
 
+def _is_causal_lm_recipe(model: Any) -> bool:
+    """Whether ``model`` comes from ``kdistill.llm.convert_causal_lm`` (lm_heads skipped)."""
+    return isinstance(model, DistillationModel) and any(
+        isinstance(module, _SkippedLMHead) for module in model.modules()
+    )
+
+
 def _check_label_alignment(model: Any, criterion: Any) -> None:
     """Refuse losses that shift labels themselves: KDTrainer passes them aligned already."""
+    if _is_causal_lm_recipe(model):
+        return  # the recipe's loss gets the model's labels and shifts them itself
     if isinstance(model, DistillationModel):
         losses = [pair.loss for pair in model._kd_pairs]
     else:
@@ -195,6 +205,9 @@ class KDTrainer(transformers.Trainer):
     ``LMHeadDistillationLoss`` on the final hidden states (e.g.
     ``{("model.norm", "model.norm"): LMHeadDistillationLoss(student.lm_head, teacher.lm_head,
     shift_labels=False)}`` for Llama) gives the default criterion's loss and gradients, chunked.
+    To never build ``[B, T, V]`` logits at all, pass a model from
+    ``kdistill.llm.convert_causal_lm`` as ``model`` (no teacher or criterion): the forward then
+    runs without ``labels`` and the recipe's loss gives both the KD term and ``ce_loss``.
 
     Logging: ``loss`` (the total), ``kd_loss`` (sum of the KD terms), ``ce_loss`` and each KD term
     are averaged over the steps since the last log and passed to ``Trainer.log`` at
@@ -270,6 +283,7 @@ class KDTrainer(transformers.Trainer):
             or model._kd_student_cls.__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         )
         self._loss_shifts_labels = self._kd_shift_labels  # so Trainer counts tokens the same way
+        self._kd_recipe = _is_causal_lm_recipe(model)
         self._kd_train_sums: dict[str, Tensor] = {}
         self._kd_eval_sums: dict[str, Tensor] = {}
         self._kd_eval_count = 0
@@ -333,18 +347,36 @@ class KDTrainer(transformers.Trainer):
         Returns:
             The loss, already scaled for gradient accumulation (and ``(loss, outputs)``).
         """
+        distillation_model = self.distillation_model
         forward_inputs = dict(inputs)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             forward_inputs["num_items_in_batch"] = num_items_in_batch
-        outputs = model(**forward_inputs)
-        has_labels = inputs.get("labels") is not None
-        student_loss = outputs.get("loss") if has_labels and isinstance(outputs, dict) else None
-
-        distillation_model = self.distillation_model
-        logits = outputs.get("logits") if isinstance(outputs, dict) else None
-        logits_shape = logits.shape if isinstance(logits, Tensor) else torch.Size()
-        loss_kwargs = self._kd_loss_kwargs(inputs, logits_shape, num_items_in_batch)
-        kd_terms = distillation_model.compute_kd_loss(skip_balancer=True, **loss_kwargs)
+        if self._kd_recipe:
+            # lm_heads skipped: the outputs' `logits` are hidden states, so the model must not
+            # compute its own loss; the recipe's loss gives KD and CE from the same chunks
+            labels = forward_inputs.pop("labels", None)
+            outputs = model(**forward_inputs)
+            mask = inputs.get("attention_mask") if labels is None else None
+            loss_kwargs = (
+                {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            )
+            kd_terms = compute_causal_lm_loss(
+                distillation_model,
+                labels,
+                mask=None if mask is None else mask.to(torch.bool),
+                skip_balancer=True,
+                **loss_kwargs,
+            )
+            student_loss = kd_terms.pop(STUDENT_LOSS_KEY, None)
+            logits_shape = torch.Size()
+        else:
+            outputs = model(**forward_inputs)
+            has_labels = inputs.get("labels") is not None
+            student_loss = outputs.get("loss") if has_labels and isinstance(outputs, dict) else None
+            logits = outputs.get("logits") if isinstance(outputs, dict) else None
+            logits_shape = logits.shape if isinstance(logits, Tensor) else torch.Size()
+            loss_kwargs = self._kd_loss_kwargs(inputs, logits_shape, num_items_in_batch)
+            kd_terms = distillation_model.compute_kd_loss(skip_balancer=True, **loss_kwargs)
 
         # Scale every term the way Trainer expects its loss. Given `num_items_in_batch` (the
         # token count of the whole optimizer step, all ranks with average_tokens_across_devices),

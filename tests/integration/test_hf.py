@@ -155,6 +155,57 @@ def test_lm_head_loss_on_final_hidden_states_equals_default_criterion(tmp_path):
         torch.testing.assert_close(p_copy.grad, p.grad, msg=name)
 
 
+def test_causal_lm_recipe_model_trains_like_the_default_and_saves_plain_student(tmp_path):
+    """A kdistill.llm.convert_causal_lm model (no [B, T, V] logits) takes the default's steps."""
+    from kdistill.llm import convert_causal_lm, export_causal_lm
+
+    data = make_data(4, seed=3, prompt_lengths=[1, 2, 3, 5])
+    teacher = tiny_llama(2)
+    start = tiny_llama(1).state_dict()
+    args = make_args(
+        tmp_path,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+    )
+    trainers = []
+    for recipe in (False, True):
+        student = tiny_llama(1)
+        student.load_state_dict(start)
+        balancer = mtd.StaticLossBalancer(kd_loss_weight=0.5)
+        if recipe:
+            loss = mtd.LMHeadDistillationLoss(chunk_size=5, compute_student_loss=True)
+            model = convert_causal_lm(student, teacher, loss, loss_balancer=balancer)
+            trainer = KDTrainer(model=model, args=args, train_dataset=data)
+        else:
+            trainer = KDTrainer(
+                model=student,
+                teacher_model=teacher,
+                loss_balancer=balancer,
+                args=args,
+                train_dataset=data,
+            )
+        trainer.train()
+        trainers.append(trainer)
+    default, chunked = trainers
+    (log_default,) = [log for log in default.state.log_history if "kd_loss" in log]
+    (log_chunked,) = [log for log in chunked.state.log_history if "kd_loss" in log]
+    for key in ("loss", "kd_loss", "ce_loss"):
+        assert log_chunked[key] == pytest.approx(log_default[key], rel=1e-5), key
+
+    chunked.save_model(str(tmp_path / "recipe"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "recipe"))
+    trained = export_causal_lm(chunked.model)
+    torch.testing.assert_close(trained.state_dict(), mtd.export(default.model).state_dict())
+    ids = data[0]["input_ids"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
 def test_losses_that_shift_labels_themselves_are_refused(tmp_path):
     student, teacher = tiny_llama(1), tiny_llama(1)
     loss = mtd.LMHeadDistillationLoss(student.lm_head, teacher.lm_head)  # shift_labels=True
