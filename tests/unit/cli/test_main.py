@@ -67,11 +67,12 @@ def test_demo_defaults_to_quick_preset() -> None:
     assert build_parser().parse_args(["demo", "--paper"]).preset == "paper"
 
 
-def test_demo_llm_is_a_clean_user_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "llm"]) == 1
+def test_demo_llm_bad_value_is_a_clean_user_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # exits 1 on one line: the bad --temperature, or a missing [demo-llm] package checked first
+    assert main(["demo", "llm", "--temperature", "0", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "not available yet" in err
+    assert "--temperature must be positive" in err or "missing" in err
     assert "Traceback" not in err
 
 
