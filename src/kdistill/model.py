@@ -424,7 +424,10 @@ def distillation_class(student_cls: type[nn.Module]) -> type[DistillationModel]:
     for name in _SEQUENCE_DUNDERS:
         if getattr(student_cls, name, None) is not None and name not in vars(nn.Module):
             namespace[name] = _hidden_dunder(name, student_cls)
-    cls = type(f"Distillation{student_cls.__name__}", (DistillationModel, student_cls), namespace)
+    # Same name as the student's class, so what tools record by class name (e.g. Hugging Face's
+    # config.json `architectures`) stays the student's; `type(model) is not StudentCls` still holds.
+    cls = type(student_cls.__name__, (DistillationModel, student_cls), namespace)
+    cls.__qualname__ = f"DistillationModel[{student_cls.__qualname__}]"
     forward.__qualname__ = f"{cls.__qualname__}.forward"
     _CLASS_CACHE[student_cls] = cls
     return cls

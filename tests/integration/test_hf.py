@@ -401,3 +401,17 @@ def test_docstring_examples():
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0, f"{result.failed} doctest(s) failed"
+
+
+def test_save_pretrained_on_converted_model_records_student_architecture(tmp_path):
+    # the generated class keeps the student's name, so config.json names the student's class
+    student = tiny_llama()
+    model = mtd.convert(student, mode=[("kd_loss", {
+        "teacher_model": tiny_llama(), "criterion": mtd.LogitsDistillationLoss()})])
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is transformers.LlamaForCausalLM
+    ids = torch.randint(0, VOCAB, (1, 5))
+    torch.testing.assert_close(loaded(ids).logits, mtd.export(model)(ids).logits)
