@@ -9,7 +9,17 @@ import torch
 
 from . import CLIError
 
-__all__ = ["add_parser", "run", "run_llm"]
+__all__ = [
+    "add_common_arguments",
+    "add_parser",
+    "check_device",
+    "device_name",
+    "positive_int",
+    "require",
+    "run",
+    "run_llm",
+    "seed_list",
+]
 
 DEFAULT_OUTPUT_DIR = Path("kdistill-out") / "demo"
 
