@@ -8,7 +8,8 @@ implementation trains its own copy of the same initial models on the same synthe
 - ``kdistill``: ``kdistill.convert`` with ``LogitsDistillationLoss(temperature=2)`` and
   ``StaticLossBalancer(0.5)``, then ``model(x)`` and ``model.compute_kd_loss(student_loss=...)``;
 - ``modelopt``: the same through ``modelopt.torch.distill`` (``reduction="batchmean"``), only when
-  ``nvidia-modelopt`` is importable.
+  ``nvidia-modelopt`` is importable
+  (``.venv/bin/python -m pip install -c constraints-dev.txt -e ".[bench]"``).
 
 Before timing, the script checks that all of them give the same first-step loss and the same
 updated student weights, and stops with an error if not. Steps are timed in short interleaved
