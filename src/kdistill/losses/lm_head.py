@@ -39,12 +39,18 @@ _DIVERGENCES: dict[str, Callable[..., Tensor]] = {
     "topk_forward_kl": _divergences.topk_forward_kl,
 }
 
-# Default chunk when ``chunk_size`` is None: max(128, 2**22 // V) tokens. With V ≥ 32k that is 128
-# tokens, i.e. a few [128, V] float32 buffers alive at once: ~7% of the plain computation's peak
-# at 4096 tokens whatever V (the rest is one float32 gradient of the student lm_head weight),
-# while the three [128, D] x [D, V]-sized matmuls per chunk still run at full speed.
-_MIN_CHUNK_TOKENS = 128
-_LOGITS_PER_CHUNK = 2**22
+# Two levels of chunking. The lm_head matmuls run on chunks of ``chunk_size`` tokens (default
+# max(256, 2**23 // V)): every chunk reads both [V, D] weights and reads and writes the [V, D]
+# weight-gradient accumulator, so larger chunks mean less memory traffic. Two [chunk, V] buffers
+# are alive per chunk (student logits, overwritten by their gradient, and teacher logits). The
+# divergence's float32 temporaries (about eight [rows, V] tensors with autograd) live on
+# sub-chunks of max(8, 2**21 // V) rows only: 16 rows, 8 MiB each, at V = 128k.
+_MIN_CHUNK_TOKENS = 256
+_LOGITS_PER_CHUNK = 2**23
+_MIN_SUB_CHUNK_TOKENS = 8
+_LOGITS_PER_SUB_CHUNK = 2**21
+# Marks a weight gradient already handed to autograd by ``backward``.
+_CONSUMED: Any = object()
 
 
 def _check_head(head: Any, role: str) -> None:
@@ -69,6 +75,7 @@ class _ChunkSpec:
     divergence: Callable[[Tensor, Tensor], Tensor]
     temperature: float
     chunk_size: int
+    sub_chunk_size: int
     vocab_size: int  # V used for both sides (after vocab alignment)
     ignore_index: int
     need_grad_hidden: bool
@@ -117,60 +124,67 @@ class _ChunkedLMHeadDistillation(torch.autograd.Function):
         n, vocab = hidden_s.shape[0], spec.vocab_size
         with_ce = ce_targets is not None
         acc_dtype = upcast(hidden_s[:0]).dtype
+        keys = ("kd", "ce") if with_ce else ("kd",)
         # one set of gradient buffers per output, combined with the output grads in backward
         grads: dict[str, list[Tensor | None]] = {}
-        for key in ("kd", "ce") if with_ce else ("kd",):
+        for key in keys:
             grads[key] = [
                 torch.zeros_like(hidden_s) if spec.need_grad_hidden else None,
                 # float32 accumulators: many chunks are summed, low precision would lose them
                 torch.zeros_like(weight_s, dtype=acc_dtype) if spec.need_grad_weight else None,
                 torch.zeros_like(bias_s, dtype=acc_dtype) if spec.need_grad_bias else None,
             ]
-        kd_total = hidden_s.new_zeros((), dtype=acc_dtype)
-        ce_total = hidden_s.new_zeros((), dtype=acc_dtype)
+        totals = {key: hidden_s.new_zeros((), dtype=acc_dtype) for key in keys}
         needs_any_grad = spec.need_grad_hidden or spec.need_grad_weight or spec.need_grad_bias
         for start in range(0, n, spec.chunk_size):
             rows = slice(start, min(start + spec.chunk_size, n))
             h_s = hidden_s[rows]  # [c, D_s]
-            teacher_log_probs = _log_probs(
-                _linear(hidden_t[rows], weight_t, bias_t, vocab), spec.temperature
-            )  # [c, V]
-            # a leaf in float32 (a copy for low-precision inputs), so autograd stops here
-            logits = _linear(h_s, weight_s, bias_s, vocab).to(acc_dtype)
-            logits.requires_grad_(needs_any_grad)
-            with torch.enable_grad():
-                per_token = spec.divergence(_log_probs(logits, spec.temperature), teacher_log_probs)
-                kd = (per_token * kd_weights[rows]).sum()
-                losses = [("kd", kd)]
-                if with_ce:
-                    per_token_ce = F.cross_entropy(
-                        logits, ce_targets[rows], ignore_index=spec.ignore_index, reduction="none"
+            logits_t = _linear(hidden_t[rows], weight_t, bias_t, vocab)  # [c, V]
+            logits_s = _linear(h_s, weight_s, bias_s, vocab)  # [c, V]
+            # [c, V] gradients of each output w.r.t. the logits; the KD one reuses the student
+            # logits' memory when it can (each row is read before it is overwritten)
+            grad_logits = {}
+            if needs_any_grad:
+                reuse = weight_s is not None and logits_s.dtype == acc_dtype
+                for key in keys:
+                    grad_logits[key] = (
+                        logits_s
+                        if key == "kd" and reuse
+                        else torch.empty_like(logits_s, dtype=acc_dtype)
                     )
-                    losses.append(("ce", (per_token_ce * ce_weights[rows]).sum()))
-            del teacher_log_probs
-            kd_total += kd.detach()
-            if with_ce:
-                ce_total += losses[1][1].detach()
-            if not needs_any_grad:
-                continue
-            for i, (key, value) in enumerate(losses):
-                (grad_logits,) = torch.autograd.grad(
-                    value, logits, retain_graph=i + 1 < len(losses)
+            # the divergence (and its gradient) on sub-chunks: its float32 temporaries stay small
+            for sub_start in range(0, rows.stop - rows.start, spec.sub_chunk_size):
+                sub = slice(sub_start, min(sub_start + spec.sub_chunk_size, rows.stop - rows.start))
+                token_rows = slice(rows.start + sub.start, rows.start + sub.stop)
+                values = _sub_chunk(
+                    logits_s[sub],
+                    logits_t[sub],
+                    kd_weights[token_rows],
+                    None if ce_targets is None else ce_targets[token_rows],
+                    None if ce_weights is None else ce_weights[token_rows],
+                    spec,
+                    acc_dtype,
+                    needs_any_grad,
                 )
+                for key, (value, grad) in values.items():
+                    totals[key] += value
+                    if grad is not None:
+                        grad_logits[key][sub] = grad
+            del logits_t
+            for key, grad in grad_logits.items():
                 grad_hidden, grad_weight, grad_bias = grads[key]
                 if grad_hidden is not None and weight_s is None:  # the inputs were logits
-                    grad_hidden[rows, :vocab] = grad_logits
+                    grad_hidden[rows, :vocab] = grad
                 elif grad_hidden is not None:  # [c, V] @ [V, D_s]
-                    grad_hidden[rows] = grad_logits.to(weight_s.dtype) @ weight_s[:vocab]
+                    grad_hidden[rows] = grad.to(weight_s.dtype) @ weight_s[:vocab]
                 if grad_weight is not None:  # [V, c] @ [c, D_s], accumulated in float32
-                    grad_weight[:vocab].addmm_(grad_logits.t(), h_s.to(acc_dtype))
+                    grad_weight[:vocab].addmm_(grad.t(), h_s.to(acc_dtype))
                 if grad_bias is not None:
-                    grad_bias[:vocab] += grad_logits.sum(0)
-                del grad_logits
-            del logits, losses, per_token, kd
+                    grad_bias[:vocab] += grad.sum(0)
+            del logits_s, grad_logits
         ctx.grads = grads
         ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight_s, bias_s))
-        return kd_total, ce_total
+        return totals["kd"], totals.get("ce", totals["kd"].new_zeros(()))
 
     @staticmethod
     def backward(ctx: Any, grad_kd: Tensor, grad_ce: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -178,15 +192,25 @@ class _ChunkedLMHeadDistillation(torch.autograd.Function):
         for key, grad_output in (("kd", grad_kd), ("ce", grad_ce)):
             if key not in ctx.grads:
                 continue
-            # the usual upstream gradient is exactly 1 (loss.backward()): skip a copy of the
-            # [V, D] weight gradient then. The stored gradients are never modified in place, so
-            # backward may run again (retain_graph=True, gradcheck).
+            # the usual upstream gradient is exactly 1 (loss.backward()): skip a multiply then
             is_one = bool(grad_output == 1)
             for i, grad in enumerate(ctx.grads[key]):
+                if i > 0 and grad is not None:
+                    # the [V, D] weight gradient (and the bias's) is handed over, not copied:
+                    # autograd may then store it as `.grad` without a second [V, D] buffer
+                    ctx.grads[key][i] = _CONSUMED
                 if grad is None:
                     continue
-                scaled = grad if is_one else grad * grad_output
-                outputs[i] = scaled if outputs[i] is None else outputs[i] + scaled
+                if grad is _CONSUMED:
+                    raise RuntimeError(
+                        "LMHeadDistillationLoss hands its lm_head weight gradient to autograd "
+                        "without a copy, so it cannot back-propagate twice through one forward "
+                        "(retain_graph=True) while the student lm_head requires grad. Run the "
+                        "forward again."
+                    )
+                if not is_one:
+                    grad = grad.mul_(grad_output) if i > 0 else grad * grad_output
+                outputs[i] = grad if outputs[i] is None else outputs[i] + grad
         grad_hidden, grad_weight, grad_bias = outputs
         weight_dtype, bias_dtype = ctx.param_dtypes
         if grad_weight is not None:
@@ -194,6 +218,37 @@ class _ChunkedLMHeadDistillation(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _sub_chunk(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    kd_weights: Tensor,
+    ce_targets: Tensor | None,
+    ce_weights: Tensor | None,
+    spec: _ChunkSpec,
+    acc_dtype: torch.dtype,
+    needs_grad: bool,
+) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """Weighted sums over ``[c', V]`` logits and their gradients w.r.t. the student logits."""
+    teacher_log_probs = _log_probs(logits_t, spec.temperature)
+    # a leaf copy in float32, so autograd stops here (and the caller may overwrite the input)
+    logits = logits_s.to(acc_dtype, copy=True).requires_grad_(needs_grad)
+    with torch.enable_grad():
+        per_token = spec.divergence(_log_probs(logits, spec.temperature), teacher_log_probs)
+        losses = {"kd": (per_token * kd_weights).sum()}
+        if ce_targets is not None:
+            per_token_ce = F.cross_entropy(
+                logits, ce_targets, ignore_index=spec.ignore_index, reduction="none"
+            )
+            losses["ce"] = (per_token_ce * ce_weights).sum()
+    result = {}
+    for i, (key, value) in enumerate(losses.items()):
+        grad = None
+        if needs_grad:
+            (grad,) = torch.autograd.grad(value, logits, retain_graph=i + 1 < len(losses))
+        result[key] = (value.detach(), grad)
+    return result
 
 
 class LMHeadDistillationLoss(nn.Module):
@@ -220,8 +275,10 @@ class LMHeadDistillationLoss(nn.Module):
     Tokens are processed ``chunk_size`` at a time; each chunk's gradient (w.r.t. the student hidden
     states, lm_head weight and bias, never the teacher's) is computed right away and only the
     gradients are kept, so peak memory is O(chunk_size · V) plus one gradient of the student lm_head
-    weight. The consequence: the loss cannot be reduced per token (there is no ``reduction``
-    argument), and its gradients are computed even if ``backward`` is never called.
+    weight, which ``backward`` hands to autograd without a copy. The consequences: the loss cannot
+    be reduced per token (there is no ``reduction`` argument), its gradients are computed even if
+    ``backward`` is never called, and while the student lm_head requires grad one forward allows
+    one backward (``retain_graph=True`` reuse raises).
 
     The lm_heads are *referenced*, not registered as submodules: the loss has no parameters or
     ``state_dict`` entries, so checkpoints never hold the teacher's weights (nor a second copy of
@@ -241,7 +298,7 @@ class LMHeadDistillationLoss(nn.Module):
             ``"total_variation"`` or ``"topk_forward_kl"``.
         temperature: Softmax temperature T > 0; the result is multiplied by T² (like
             ``LogitsDistillationLoss``) so gradient magnitudes do not depend on T.
-        chunk_size: Tokens per chunk. None picks ``max(128, 2**22 // V)`` (128 tokens for V ≥ 32k).
+        chunk_size: Tokens per lm_head matmul; None picks ``max(256, 2**23 // V)``.
         ignore_index: Label value whose positions are dropped (Hugging Face uses -100).
         beta: β of ``"generalized_jsd"`` in [0, 1]; None means 0.5. Only valid with that divergence.
         k: Number of teacher classes of ``"topk_forward_kl"``; only valid with that divergence.
@@ -446,6 +503,7 @@ class LMHeadDistillationLoss(nn.Module):
             divergence=self._divergence_fn(),
             temperature=self.temperature,
             chunk_size=self.chunk_size or max(_MIN_CHUNK_TOKENS, _LOGITS_PER_CHUNK // vocab),
+            sub_chunk_size=max(_MIN_SUB_CHUNK_TOKENS, _LOGITS_PER_SUB_CHUNK // vocab),
             vocab_size=vocab,
             ignore_index=self.ignore_index,
             need_grad_hidden=grad_on and hidden_s.requires_grad,
