@@ -342,7 +342,7 @@ def format_llm_table(report: dict[str, Any]) -> str:
             (
                 f"{label} (n={n})",
                 f"{report['student_params'] / 1e6:.1f}M",
-                f"{run['mean']:.1f} ± {run['std']:.1f}",
+                f"{run['mean']:.1f}" + (f" ± {run['std']:.1f}" if n > 1 else ""),
                 f"{sum(run['tokens_per_second']) / n:.0f}",
             )
         )
