@@ -138,7 +138,10 @@ class StaticLossBalancer(DistillationLossBalancer):
                 f"{len(kd_losses)} KD loss(es): {list(kd_losses)}."
             )
         weights, student_weight = self._current_weights()
-        total = sum(w * loss for w, loss in zip(weights, kd_losses.values(), strict=True))
+        terms = [w * loss for w, loss in zip(weights, kd_losses.values(), strict=True)]
+        total = terms[0]  # not sum(): its int 0 start adds an op and a backward node
+        for term in terms[1:]:
+            total = total + term
         if student_weight > 0:
             if student_loss is None:
                 raise ValueError(

@@ -9,6 +9,7 @@ capture the paired layers' outputs, the teacher runs under ``no_grad`` in eval m
 
 import contextlib
 import inspect
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = ["DistillationModel"]
 
 TEACHER_KEY = "_teacher_model"
 LOSS_MODULES_KEY = "_loss_modules"
+_OUR_CHILDREN_REVERSED = (LOSS_MODULES_KEY, TEACHER_KEY)
 # Attributes set by ``DistillationModel.setup_`` and removed by ``teardown_``.
 _STATE_ATTRS = (
     "_kd_pairs",
@@ -91,6 +93,7 @@ class _Pair:
     teacher_capture: _Capture
     loss_kwarg_names: frozenset[str]
     loss_takes_any_kwarg: bool
+    key: str  # name in the loss dict: f"{LossClass}_{i}"
 
     def kwargs_for(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The subset of ``kwargs`` that this pair's loss ``forward`` accepts."""
@@ -144,8 +147,9 @@ class DistillationModel(nn.Module):
         pairs: list[_Pair] = []
         handles: list[RemovableHandle] = []
         root_captures: list[_Capture] = []
-        for (s_name, t_name), loss in criterion.items():
+        for i, ((s_name, t_name), loss) in enumerate(criterion.items()):
             s_cap, t_cap = _Capture(), _Capture(keep_inputs=layerwise and s_name != "")
+            # a hook even on the teacher's root: teachers such as CachedTeacher inspect them
             teacher_layer = teacher.get_submodule(t_name)
             handles.append(teacher_layer.register_forward_hook(t_cap, with_kwargs=True))
             if s_name == "":
@@ -161,7 +165,8 @@ class DistillationModel(nn.Module):
                         )
                     )
             names, var_kw = _accepted_kwargs(loss.forward)
-            pairs.append(_Pair(s_name, t_name, loss, s_cap, t_cap, names, var_kw))
+            key = f"{type(loss).__name__}_{i}"
+            pairs.append(_Pair(s_name, t_name, loss, s_cap, t_cap, names, var_kw, key))
         frozen: list[str] = []
         if layerwise:
             trained = [s for s, _ in criterion if s]
@@ -275,9 +280,19 @@ class DistillationModel(nn.Module):
                 teacher_output = teacher(*args, **kwargs)
             if self._kd_only_teacher:
                 return teacher_output
-        # hide our extra children so students that iterate over theirs (nn.Sequential) still work
-        with self._hide_children(TEACHER_KEY, LOSS_MODULES_KEY):
-            output = super().forward(*args, **kwargs)
+        # Hide our extra children so students that iterate over theirs (nn.Sequential) still work.
+        # Fast path when they are the last two children (as convert leaves them): popping and
+        # re-adding them keeps the order, so no context manager or reordering is needed.
+        modules = self._modules
+        if tuple(itertools.islice(reversed(modules), 2)) == _OUR_CHILDREN_REVERSED:
+            teacher_module, loss_modules = modules.pop(TEACHER_KEY), modules.pop(LOSS_MODULES_KEY)
+            try:
+                output = super().forward(*args, **kwargs)
+            finally:
+                modules[TEACHER_KEY], modules[LOSS_MODULES_KEY] = teacher_module, loss_modules
+        else:
+            with self._hide_children(TEACHER_KEY, LOSS_MODULES_KEY):
+                output = super().forward(*args, **kwargs)
         for capture in self._kd_root_captures:
             capture.output = output
         return output
@@ -345,19 +360,23 @@ class DistillationModel(nn.Module):
             ValueError: ``student_loss`` was given but there is no balancer to combine it.
         """
         captured = [(p, p.student_capture.take(), p.teacher_capture.take()) for p in self._kd_pairs]
-        missing = [
-            f"({p.student_layer!r}, {p.teacher_layer!r}): "
-            + " and ".join(side for side, out in (("student", s), ("teacher", t)) if out is None)
-            for p, s, t in captured
-            if s is None or t is None
-        ]
-        if missing:
+        if any(s is None or t is None for _, s, t in captured):
+            missing = [
+                f"({p.student_layer!r}, {p.teacher_layer!r}): "
+                + " and ".join(
+                    side for side, out in (("student", s), ("teacher", t)) if out is None
+                )
+                for p, s, t in captured
+                if s is None or t is None
+            ]
             raise RuntimeError(
                 f"No captured output for pair(s) {'; '.join(missing)}. Run a forward pass of the "
                 "model (outside only_student_forward / only_teacher_forward) before "
                 "compute_kd_loss(), once per call."
             )
-        unused = set(loss_kwargs) - {k for p in self._kd_pairs for k in p.kwargs_for(loss_kwargs)}
+        unused = loss_kwargs and (
+            loss_kwargs.keys() - {k for p in self._kd_pairs for k in p.kwargs_for(loss_kwargs)}
+        )
         if unused:
             raise TypeError(
                 f"compute_kd_loss() got keyword(s) {sorted(unused)} that no loss accepts. "
@@ -372,11 +391,11 @@ class DistillationModel(nn.Module):
         loss_dict: dict[str, Tensor] = {}
         if student_loss is not None:
             loss_dict[STUDENT_LOSS_KEY] = student_loss
-        for i, (pair, student_out, teacher_out) in enumerate(captured):
+        for pair, student_out, teacher_out in captured:
             loss = pair.loss(student_out, teacher_out, **pair.kwargs_for(loss_kwargs))
             if loss_reduction_fn is not None:
                 loss = loss_reduction_fn(loss)
-            loss_dict[f"{type(pair.loss).__name__}_{i}"] = loss
+            loss_dict[pair.key] = loss
         if skip_balancer:
             return loss_dict
         if self._kd_balancer is None:

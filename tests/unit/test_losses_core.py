@@ -238,3 +238,19 @@ def test_temperature_scaling_matches_formula():
     at_one = mtd.LogitsDistillationLoss(1.0)(student / t, teacher / t)
     torch.testing.assert_close(at_t, t * t * at_one)
     assert math.isfinite(mtd.LogitsDistillationLoss(1.0)(student * 1e4, teacher * 1e4).item())
+
+
+def test_forward_kl_with_minus_inf_log_probs():
+    from kdistill.losses._divergences import forward_kl
+
+    inf = float("inf")
+    # class 2 is impossible for both: contributes exactly 0 (not nan); gradients stay finite
+    student = torch.tensor([[math.log(0.5), math.log(0.5), -inf]], requires_grad=True)
+    teacher = torch.tensor([[0.25, 0.75, 0.0]]).log()
+    value = forward_kl(student, teacher)
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    value.sum().backward()
+    torch.testing.assert_close(student.grad, torch.tensor([[-0.25, -0.75, 0.0]]))
+    # the teacher puts mass where the student has none: infinite divergence
+    assert forward_kl(torch.tensor([[0.0, -inf]]), torch.tensor([[-0.7, -0.7]])).item() == inf

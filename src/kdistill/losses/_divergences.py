@@ -52,8 +52,16 @@ def _log_mixture(a_log: Tensor, b_log: Tensor, weight_a: float) -> Tensor:
 
 
 def forward_kl(student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-    """KL(teacher ‖ student): the Hinton KD divergence (mass-covering)."""
-    return _kl(teacher_log_probs, student_log_probs)
+    """KL(teacher ‖ student): the Hinton KD divergence (mass-covering).
+
+    Computed as ``Σ xlogy(p, p) − Σ p·log q`` with the (detached) teacher's ``p``, so the gradient
+    graph holds only ``p·log q`` (the hot path of every KD step). Classes with p = 0 contribute
+    exactly 0, even where the student's log-probability is −inf (0·(−inf) is nan, set to 0);
+    p > 0 against log q = −inf gives +inf.
+    """
+    teacher_probs = teacher_log_probs.exp()
+    cross = torch.nan_to_num(teacher_probs * student_log_probs, nan=0.0, neginf=-math.inf)
+    return (torch.xlogy(teacher_probs, teacher_probs) - cross).sum(-1)
 
 
 def reverse_kl(student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:

@@ -115,12 +115,17 @@ def reduce_positions(
         mask: Optional bool mask of the same shape; masked positions contribute exactly 0 and are
             not counted. An all-masked batch reduces to 0 (and still back-propagates).
     """
-    if mask is not None:
-        # where (not multiply) so that inf/nan at masked positions cannot leak into the result
-        per_position = torch.where(mask, per_position, per_position.new_zeros(()))
-        count = mask.sum().clamp(min=1)
-    else:
-        count = max(per_position.numel(), 1)
+    if mask is None:
+        # fused reductions: one op (and one backward node) each
+        if reduction == "none" or per_position.numel() == 0:
+            return per_position if reduction == "none" else per_position.sum()
+        if reduction == "sum":
+            return per_position.sum()
+        mean = per_position.mean()
+        return mean if reduction == "batchmean" else mean / num_classes
+    # where (not multiply) so that inf/nan at masked positions cannot leak into the result
+    per_position = torch.where(mask, per_position, per_position.new_zeros(()))
+    count = mask.sum().clamp(min=1)
     if reduction == "none":
         return per_position
     total = per_position.sum()

@@ -149,8 +149,9 @@ class LogitsDistillationLoss(nn.Module):
             _scaled_log_probs(student_logits, self.temperature),
             _scaled_log_probs(teacher_logits, self.temperature),
         )
-        kl = kl * self.temperature**2
-        return reduce_positions(kl, self.reduction, student_logits.shape[-1], keep)
+        loss = reduce_positions(kl, self.reduction, student_logits.shape[-1], keep)
+        # T² after the reduction (it is linear): one multiply on a scalar instead of [..]
+        return loss * self.temperature**2 if self.temperature != 1.0 else loss
 
 
 class MFTLoss(nn.Module):
