@@ -218,3 +218,15 @@ def test_llm_split_tokens() -> None:
     torch.testing.assert_close(held_out, torch.arange(32, 40).view(2, 4))
     with pytest.raises(ValueError, match="Need 24 tokens for the budget, the text has 20"):
         split_tokens(torch.arange(20), config)
+
+
+def test_paper_preset_runs_hintons_architectures(tmp_path: Path) -> None:
+    argv = ["demo", "--paper", "--dataset", "digits", "--train-samples", "64", "--seed", "0"]
+    argv += ["--teacher-epochs", "1", "--student-epochs", "1", "--no-cache", "--no-progress"]
+    assert main([*argv, "--output-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["preset"] == "paper"
+    teacher = build_mlp(64, (1200, 1200), 10)  # Hinton's teacher, on 8x8 digits
+    student = build_mlp(64, (800, 800), 10)
+    assert report["teacher"]["params"] == sum(p.numel() for p in teacher.parameters())
+    assert report["student_params"] == sum(p.numel() for p in student.parameters())
