@@ -406,8 +406,12 @@ def test_docstring_examples():
 def test_save_pretrained_on_converted_model_records_student_architecture(tmp_path):
     # the generated class keeps the student's name, so config.json names the student's class
     student = tiny_llama()
-    model = mtd.convert(student, mode=[("kd_loss", {
-        "teacher_model": tiny_llama(), "criterion": mtd.LogitsDistillationLoss()})])
+    model = mtd.convert(
+        student,
+        mode=[
+            ("kd_loss", {"teacher_model": tiny_llama(), "criterion": mtd.LogitsDistillationLoss()})
+        ],
+    )
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
