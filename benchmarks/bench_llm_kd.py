@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _memory import proc_status_kb, reset_peak_rss
 from _timing import environment, format_table, median, synchronize, write_rows
 from torch import Tensor, nn
 
@@ -53,27 +54,6 @@ import kdistill
 VARIANTS = ("plain", "kdistill", "liger")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WARMUP_TOKENS = 64
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (``VmHWM``) of this process; False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
 
 
 def _make_step(
@@ -137,8 +117,8 @@ def measure(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    rss_before = _proc_status_kb("VmRSS")
-    hwm_reset = rss_before is not None and _reset_peak_rss()
+    rss_before = proc_status_kb("VmRSS")
+    hwm_reset = rss_before is not None and reset_peak_rss()
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     value = step(tokens)
@@ -147,7 +127,7 @@ def measure(
     if cuda:
         peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
     elif hwm_reset:
-        peak_mb = max(_proc_status_kb("VmHWM") - rss_before, 0) / 1024
+        peak_mb = max(proc_status_kb("VmHWM") - rss_before, 0) / 1024
     else:  # ru_maxrss is in KiB on Linux
         peak_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before, 0) / 1024
     for _ in range(repeats - 1):

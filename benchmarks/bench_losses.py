@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _memory import proc_status_kb, reset_peak_rss
 from _timing import environment, format_table, median, time_fn, write_rows
 from torch import Tensor, nn
 
@@ -95,28 +96,6 @@ def _cases(tiny: bool) -> dict[str, Case]:
     }
 
 
-def _proc_status_kb(field: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``None`` where there is no procfs)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (``VmHWM``) of this process; False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def measure(name: str, tiny: bool, repeats: int) -> dict:
     """Time and peak extra memory of one loss (see the module docstring)."""
     torch.manual_seed(0)
@@ -131,11 +110,11 @@ def measure(name: str, tiny: bool, repeats: int) -> dict:
             param.grad = None
         loss(student, teacher, **kwargs).backward()
 
-    rss_before = _proc_status_kb("VmRSS")
+    rss_before = proc_status_kb("VmRSS")
     peak_mb = None
-    if rss_before is not None and _reset_peak_rss():
+    if rss_before is not None and reset_peak_rss():
         step()
-        peak = _proc_status_kb("VmHWM")
+        peak = proc_status_kb("VmHWM")
         peak_mb = None if peak is None else max(peak - rss_before, 0) / 1024
     times = time_fn(step, number=1, repeats=repeats, warmup=1)
     inputs_mb = (student.numel() + teacher.numel()) * student.element_size() / 2**20

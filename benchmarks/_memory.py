@@ -1,0 +1,29 @@
+"""Peak-memory helpers shared by the benchmarks: the kernel's own RSS counters (Linux procfs).
+
+``reset_peak_rss()`` then a step then ``proc_status_kb("VmHWM") - rss_before`` gives the step's peak
+extra resident memory, allocator caches and temporaries included.
+"""
+
+__all__ = ["proc_status_kb", "reset_peak_rss"]
+
+
+def proc_status_kb(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``None`` where there is no procfs)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (``VmHWM``) of this process; False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
