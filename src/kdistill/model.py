@@ -103,8 +103,14 @@ class _Pair:
 
 
 def _accepted_kwargs(fn: Callable) -> tuple[frozenset[str], bool]:
-    """Keyword names ``fn`` accepts (beyond its first two inputs), and whether it has ``**kw``."""
-    params = list(inspect.signature(fn).parameters.values())
+    """Keyword names ``fn`` accepts (beyond its first two inputs), and whether it has ``**kw``.
+
+    A callable without an inspectable signature (some builtins) is taken to accept none.
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return frozenset(), False
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
     names = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
     return names, var_kw
@@ -141,13 +147,54 @@ class DistillationModel(nn.Module):
         layerwise: bool,
     ) -> None:
         """Attach teacher, losses and hooks. Called by the modes on validated inputs only."""
+        handles: list[RemovableHandle] = []
+        try:
+            pairs, root_captures = self._register_pairs(teacher, criterion, layerwise, handles)
+        except BaseException:
+            for handle in handles:  # a failed set-up leaves no hook behind
+                handle.remove()
+            raise
         teacher.requires_grad_(False)
         teacher.eval()
+        frozen: list[str] = []
+        if layerwise:
+            trained = [s for s, _ in criterion if s]
+            for name, param in self.named_parameters():
+                inside = any(name.startswith(prefix + ".") for prefix in trained)
+                if param.requires_grad and not inside:
+                    param.requires_grad_(False)
+                    frozen.append(name)
+        # losses with parameters, in criterion order, so `_loss_modules.i` keys are stable
+        loss_modules = nn.ModuleList(
+            [p.loss for p in pairs if any(True for _ in p.loss.parameters())]
+        )
         set_attr = object.__setattr__  # keep these out of nn.Module's registration
+        set_attr(self, "_kd_pairs", pairs)
+        set_attr(self, "_kd_teacher", teacher)
+        set_attr(self, "_kd_loss_modules", loss_modules)
+        set_attr(self, "_kd_balancer", balancer)
+        set_attr(self, "_kd_expose_minimal", expose_minimal_state_dict)
+        set_attr(self, "_kd_only_teacher", False)
+        set_attr(self, "_kd_only_student", False)
+        set_attr(self, "_kd_handles", handles)
+        set_attr(self, "_kd_root_captures", root_captures)
+        set_attr(self, "_kd_frozen", frozen)
+        set_attr(self, "_kd_modes", [])
+        self._modules[TEACHER_KEY] = teacher
+        self._modules[LOSS_MODULES_KEY] = loss_modules
+
+    def _register_pairs(
+        self,
+        teacher: nn.Module,
+        criterion: dict[tuple[str, str], nn.Module],
+        layerwise: bool,
+        handles: list[RemovableHandle],
+    ) -> tuple[list[_Pair], list[_Capture]]:
+        """Hook every criterion pair (appending to ``handles``); return pairs and root captures."""
         pairs: list[_Pair] = []
-        handles: list[RemovableHandle] = []
         root_captures: list[_Capture] = []
         for i, ((s_name, t_name), loss) in enumerate(criterion.items()):
+            names, var_kw = _accepted_kwargs(loss.forward)
             s_cap, t_cap = _Capture(), _Capture(keep_inputs=layerwise and s_name != "")
             # a hook even on the teacher's root: teachers such as CachedTeacher inspect them
             teacher_layer = teacher.get_submodule(t_name)
@@ -164,34 +211,9 @@ class DistillationModel(nn.Module):
                             _InjectTeacherInputs(t_cap), with_kwargs=True
                         )
                     )
-            names, var_kw = _accepted_kwargs(loss.forward)
             key = f"{type(loss).__name__}_{i}"
             pairs.append(_Pair(s_name, t_name, loss, s_cap, t_cap, names, var_kw, key))
-        frozen: list[str] = []
-        if layerwise:
-            trained = [s for s, _ in criterion if s]
-            for name, param in self.named_parameters():
-                inside = any(name.startswith(prefix + ".") for prefix in trained)
-                if param.requires_grad and not inside:
-                    param.requires_grad_(False)
-                    frozen.append(name)
-        # losses with parameters, in criterion order, so `_loss_modules.i` keys are stable
-        loss_modules = nn.ModuleList(
-            [p.loss for p in pairs if any(True for _ in p.loss.parameters())]
-        )
-        set_attr(self, "_kd_pairs", pairs)
-        set_attr(self, "_kd_teacher", teacher)
-        set_attr(self, "_kd_loss_modules", loss_modules)
-        set_attr(self, "_kd_balancer", balancer)
-        set_attr(self, "_kd_expose_minimal", expose_minimal_state_dict)
-        set_attr(self, "_kd_only_teacher", False)
-        set_attr(self, "_kd_only_student", False)
-        set_attr(self, "_kd_handles", handles)
-        set_attr(self, "_kd_root_captures", root_captures)
-        set_attr(self, "_kd_frozen", frozen)
-        set_attr(self, "_kd_modes", [])
-        self._modules[TEACHER_KEY] = teacher
-        self._modules[LOSS_MODULES_KEY] = loss_modules
+        return pairs, root_captures
 
     def teardown_(self) -> None:
         """Remove hooks, teacher, loss modules and every attribute ``setup_`` added."""
