@@ -335,10 +335,19 @@ def test_failure_during_set_up_leaves_no_hooks(monkeypatch):
     student, teacher = TinyMLP(), make_teacher()
     before = snapshot(student)
     with pytest.raises(RuntimeError, match="simulated failure"):
-        mtd.convert(student, mode=[("kd_loss", kd_config(
-            teacher_model=teacher,
-            criterion={("fc1", "fc1"): nn.MSELoss(), ("fc2", "fc2"): nn.MSELoss()},
-            loss_balancer=mtd.StaticLossBalancer([0.5, 0.5])))])
+        mtd.convert(
+            student,
+            mode=[
+                (
+                    "kd_loss",
+                    kd_config(
+                        teacher_model=teacher,
+                        criterion={("fc1", "fc1"): nn.MSELoss(), ("fc2", "fc2"): nn.MSELoss()},
+                        loss_balancer=mtd.StaticLossBalancer([0.5, 0.5]),
+                    ),
+                )
+            ],
+        )
     assert_unchanged(student, before)
     assert all(not m._forward_hooks for m in teacher.modules())
     assert all(p.requires_grad for p in teacher.parameters())
@@ -348,8 +357,10 @@ def test_loss_with_builtin_forward_gets_no_keywords():
     class BuiltinForward(nn.Module):
         forward = staticmethod(torch.sub)
 
-    model = mtd.convert(TinyMLP(), mode=[("kd_loss", kd_config(
-        teacher_model=TinyMLP(), criterion=BuiltinForward()))])
+    model = mtd.convert(
+        TinyMLP(),
+        mode=[("kd_loss", kd_config(teacher_model=TinyMLP(), criterion=BuiltinForward()))],
+    )
     x = torch.randn(2, 16)
     out = model(x)
     torch.testing.assert_close(model.compute_kd_loss(), out - model.teacher_model(x))
