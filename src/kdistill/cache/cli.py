@@ -19,29 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdistill.cli._demo import positive_float, positive_int
+
 __all__ = ["add_parser", "run"]
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def add_parser(subparsers: Any) -> None:
@@ -82,7 +64,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--split", choices=("train", "test"), default="train", help="(default: train)"
     )
-    parser.add_argument("--limit", type=_positive_int, help="cache only the first N samples")
+    parser.add_argument("--limit", type=positive_int, help="cache only the first N samples")
     parser.add_argument(
         "--layers",
         nargs="+",
@@ -90,15 +72,15 @@ def add_parser(subparsers: Any) -> None:
         metavar="NAME",
         help="teacher modules to cache ('' is the output; default: '')",
     )
-    parser.add_argument("--top-k", type=_positive_int, help="keep only the top-k log-probs")
+    parser.add_argument("--top-k", type=positive_int, help="keep only the top-k log-probs")
     parser.add_argument(
         "--temperature",
-        type=_positive_float,
+        type=positive_float,
         default=1.0,
         help="temperature of the top-k log-probs (default: 1)",
     )
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float16")
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
