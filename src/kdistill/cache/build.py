@@ -287,8 +287,8 @@ class _ShardWriter:
             elif shape != layer["sample_shape"]:
                 raise ValueError(
                     f"Teacher layer {name!r} produced per-sample shape {shape}, earlier batches "
-                    f"{layer['sample_shape']}: a cache needs one shape per layer (pad or pack "
-                    "sequences to a fixed length)."
+                    f"{layer['sample_shape']} (cache at {str(self.path)!r}): a cache needs one "
+                    "shape per layer (pad or pack sequences to a fixed length)."
                 )
 
 
@@ -365,7 +365,8 @@ def _open_or_start(path: Path, settings: dict[str, Any], overwrite: bool) -> dic
     """The manifest to continue: the existing cache's (checked, finished shards only) or a new one.
 
     A directory holding only the format's files without anything finished (a build that failed
-    before its first shard, or was killed while writing it) is cleared and started over.
+    before its first shard, or was killed while writing it), or whose first shard fails
+    verification, is cleared and started over.
     """
     manifest = None
     has_manifest = (path / MANIFEST_NAME).exists() or (path / MANIFEST_NAME).is_symlink()
@@ -379,11 +380,14 @@ def _open_or_start(path: Path, settings: dict[str, Any], overwrite: bool) -> dic
             f"`path` {str(path)!r} is a non-empty directory without a cache manifest; choose an "
             "empty or new directory (kdistill will not write into unrelated files)."
         )
+    if manifest is not None:
+        _check_settings(path, manifest, settings)
+        finished = _verified_prefix(path, manifest["shards"])
+        if not finished:  # not one shard survives verification: nothing to keep
+            manifest = None
     if manifest is None:
         remove_cache_files(path)
         return _new_manifest(settings)
-    _check_settings(path, manifest, settings)
-    finished = _verified_prefix(path, manifest["shards"])
     for entry in manifest["shards"][len(finished) :]:  # recomputed, maybe split differently
         remove_file(path, entry["file"])
     if len(finished) < len(manifest["shards"]):
@@ -413,8 +417,9 @@ class _Build:
             self.manifest["input_keys"] = keys
         if keys != self.manifest["input_keys"]:
             raise ValueError(
-                f"The teacher inputs' structure changed: the cache has keyword inputs "
-                f"{self.manifest['input_keys']} (None means one tensor), this batch has {keys}."
+                f"The teacher inputs' structure changed: the cache at {str(self.path)!r} has "
+                f"keyword inputs {self.manifest['input_keys']} (None means one tensor), this "
+                f"batch has {keys}."
             )
         hashes = sample_input_hashes(inputs, keys)
         if len(hashes) != len(ids):

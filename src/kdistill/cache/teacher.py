@@ -120,12 +120,12 @@ class CachedTeacher(nn.Module):
         self._check_free(parent, leaf, layer)
         parent.add_module(leaf, _CachedLayer())
 
-    @staticmethod
-    def _check_free(parent: nn.Module, name: str, layer: str) -> None:
+    def _check_free(self, parent: nn.Module, name: str, layer: str) -> None:
         if name in dict(parent.named_children()) or hasattr(parent, name):
             raise ValueError(
-                f"Cached layer name {layer!r} clashes with an attribute of CachedTeacher "
-                f"({name!r}); rename the teacher module or cache its parent layer instead."
+                f"Cached layer name {layer!r} of the cache at {str(self.cache.path)!r} clashes "
+                f"with an attribute of CachedTeacher ({name!r}); rename the teacher module or "
+                "cache its parent layer instead."
             )
 
     def extra_repr(self) -> str:
