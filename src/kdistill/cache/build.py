@@ -10,9 +10,10 @@ dataloader must therefore yield the same batches in the same order (``shuffle=Fa
 that fails before its first shard is finished leaves nothing behind (not even a directory it
 created), so a corrected call simply starts over.
 
-Three pieces do the work: ``_TeacherRunner`` (the teacher in eval mode with hooks on the cached
-layers), ``_ShardWriter`` (buffers computed batches, writes shards and the manifest) and
-``_Replay`` (checks replayed batches against the finished shards); ``_Build`` runs the loop.
+Three pieces do the work: ``TeacherRunner`` (``_runner.py``: the teacher in eval mode with hooks
+on the cached layers), ``ShardWriter`` (``_writer.py``: buffers computed batches, writes shards
+and the manifest) and ``Replay`` (``_replay.py``: keeps the finished shards that verify and checks
+the replayed batches against them); ``_Build`` here runs the loop.
 """
 
 import contextlib
@@ -27,15 +28,8 @@ from torch import Tensor, nn
 
 from .._validation import check_int, check_positive
 from .._version import __version__
-from ..losses import TopKTeacher
-from ._batch import input_keys, layer_tensor, split_batch
-from ._files import (
-    cache_file,
-    file_sha256,
-    regular_file_size,
-    remove_cache_files,
-    remove_file,
-)
+from ._batch import input_keys, split_batch
+from ._files import remove_cache_files, remove_file
 from ._format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -49,7 +43,9 @@ from ._format import (
     teacher_fingerprint,
 )
 from ._manifest import read_manifest, write_manifest
-from ._shards import map_shard, shard_field, write_shard
+from ._replay import Replay, verified_prefix
+from ._runner import TeacherRunner
+from ._writer import ShardWriter
 
 __all__ = ["DEFAULT_SHARD_BYTES", "build_cache"]
 
@@ -129,25 +125,6 @@ def _check_settings(path: Path, manifest: dict[str, Any], settings: dict[str, An
         )
 
 
-def _verified_prefix(path: Path, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The finished shards up to the first missing, truncated or corrupt one."""
-    kept = []
-    for entry in shards:
-        file = cache_file(path, entry["file"])
-        ok = regular_file_size(file) == entry["nbytes"] and file_sha256(file) == entry["sha256"]
-        if not ok:
-            logger.warning(
-                "Shard %s of the teacher cache at %s is missing or fails its checksum; it and the "
-                "%d shard(s) after it will be recomputed.",
-                entry["file"],
-                path,
-                len(shards) - len(kept) - 1,
-            )
-            break
-        kept.append(entry)
-    return kept
-
-
 def _progress(dataloader: Any, enable: bool) -> Any:
     """A tqdm progress bar when tqdm is installed and ``enable``; otherwise ``None``."""
     if not enable or importlib.util.find_spec("tqdm") is None:
@@ -156,194 +133,6 @@ def _progress(dataloader: Any, enable: bool) -> Any:
 
     total = len(dataloader) if hasattr(dataloader, "__len__") else None
     return tqdm(total=total, desc="caching teacher outputs", unit="batch")
-
-
-def _layer_fields(
-    name: str, output: Tensor, top_k: int | None, temperature: float, dtype: torch.dtype
-) -> list[tuple[str, Tensor]]:
-    """The shard fields of one layer for one batch (see ``_format``)."""
-    if top_k is None:
-        return [(f"{name}:values", output.detach().to(dtype))]
-    if top_k > output.shape[-1]:
-        raise ValueError(
-            f"`top_k`={top_k} for layer {name!r} exceeds its {output.shape[-1]} classes; use "
-            f"top_k <= {output.shape[-1]} or cache the full output (top_k=None)."
-        )
-    # The one truncation used by the sparse losses, so a cached and a live top-k teacher agree.
-    sparse = TopKTeacher.from_logits(output.detach(), top_k, temperature)
-    return [
-        (f"{name}:topk_log_probs", sparse.log_probs.to(dtype)),
-        (f"{name}:topk_indices", sparse.indices.to(torch.int32)),
-        (f"{name}:tail_log_mass", sparse.log_tail_mass.float()),
-    ]
-
-
-class _TeacherRunner:
-    """The teacher in eval mode with forward hooks on the cached layers (a context manager).
-
-    On exit the hooks are removed and every submodule's own train/eval mode is restored.
-    """
-
-    def __init__(self, teacher: nn.Module, layers: list[dict[str, Any]], dtype: torch.dtype):
-        self.teacher = teacher
-        self.layers = layers
-        self.dtype = dtype
-        params = list(teacher.parameters())
-        self.device = params[0].device if params else torch.device("cpu")
-        self.outputs: dict[str, Any] = {}
-        self._handles: list[Any] = []
-        self._training = [(module, module.training) for module in teacher.modules()]
-
-    def _hook(self, name: str) -> Any:
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            self.outputs[name] = output
-
-        return record
-
-    def __enter__(self) -> "_TeacherRunner":
-        self.teacher.eval()
-        for layer in self.layers:
-            if layer["name"]:
-                module = self.teacher.get_submodule(layer["name"])
-                self._handles.append(module.register_forward_hook(self._hook(layer["name"])))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for module, flag in self._training:
-            module.training = flag
-
-    def fields(self, inputs: Tensor | Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
-        """Run the teacher on one batch; the shard fields of every layer (on the CPU)."""
-        self.outputs.clear()
-        with torch.no_grad():
-            if isinstance(inputs, Tensor):
-                self.outputs[""] = self.teacher(inputs.to(self.device))
-            else:
-                self.outputs[""] = self.teacher(**{k: v.to(self.device) for k, v in inputs.items()})
-        fields = []
-        for layer in self.layers:
-            name = layer["name"]
-            if name not in self.outputs:
-                raise RuntimeError(
-                    f"Teacher layer {name!r} was not called by the teacher's forward, so it has "
-                    "no output to cache; choose layers that run (see `kdistill inspect`)."
-                )
-            tensor = layer_tensor(self.outputs[name], name).to("cpu")
-            temperature = layer["temperature"] or 1.0
-            fields += _layer_fields(name, tensor, layer["top_k"], temperature, self.dtype)
-        self.outputs.clear()
-        return fields
-
-
-class _ShardWriter:
-    """Buffers computed batches; writes a shard (then the manifest) per ``shard_bytes`` buffered.
-
-    It also records each layer's per-sample shape from the first computed batch (or checks it
-    against the finished shards' when resuming) and refuses a batch whose shape differs.
-    """
-
-    def __init__(self, path: Path, manifest: dict[str, Any], shard_bytes: int) -> None:
-        self.path = path
-        self.manifest = manifest
-        self.shard_bytes = shard_bytes
-        self.buffer: dict[str, list[Tensor]] = {}
-        self.buffered_bytes = 0
-
-    def add(self, ids: Tensor, hashes: Tensor, fields: list[tuple[str, Tensor]]) -> None:
-        """Buffer one batch (``ids [B]``, ``hashes [B]``, its layer fields)."""
-        self._check_shapes(dict(fields), len(ids))
-        for name, tensor in [("sample_id", ids), ("input_hash", hashes), *fields]:
-            self.buffer.setdefault(name, []).append(tensor)
-            self.buffered_bytes += tensor.numel() * tensor.element_size()
-        if self.buffered_bytes >= self.shard_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the buffered batches as the next shard and rewrite the manifest."""
-        if not self.buffer:
-            return
-        shards = self.manifest["shards"]
-        fields = [(name, torch.cat(parts)) for name, parts in self.buffer.items()]
-        shards.append(write_shard(self.path, len(shards), fields))
-        self.manifest["num_samples"] = sum(entry["num_samples"] for entry in shards)
-        write_manifest(self.path, self.manifest)
-        self.buffer, self.buffered_bytes = {}, 0
-
-    def _check_shapes(self, fields: dict[str, Tensor], batch_size: int) -> None:
-        for layer in self.manifest["layers"]:
-            name = layer["name"]
-            key = f"{name}:" + ("values" if layer["top_k"] is None else "topk_log_probs")
-            output = fields[key]
-            if layer["top_k"] is None and output.shape[0] != batch_size:
-                raise ValueError(
-                    f"Teacher layer {name!r} output has leading size {output.shape[0]}, the batch "
-                    f"has {batch_size} samples: a cached layer's output must be [B, ...]."
-                )
-            shape = list(output.shape[1:])
-            if layer["sample_shape"] is None:
-                layer["sample_shape"] = shape
-            elif shape != layer["sample_shape"]:
-                raise ValueError(
-                    f"Teacher layer {name!r} produced per-sample shape {shape}, earlier batches "
-                    f"{layer['sample_shape']} (cache at {str(self.path)!r}): a cache needs one "
-                    "shape per layer (pad or pack sequences to a fixed length)."
-                )
-
-
-class _Replay:
-    """Checks replayed batches against the finished shards of an existing cache."""
-
-    def __init__(self, path: Path, shards: list[dict[str, Any]]) -> None:
-        self.path = path
-        self.shards = shards
-        self.index = 0
-        self.ids: list[Tensor] = []
-        self.hashes: list[Tensor] = []
-
-    @property
-    def active(self) -> bool:
-        """Whether some finished shard has not been replayed yet."""
-        return self.index < len(self.shards)
-
-    def feed(self, ids: Tensor, hashes: Tensor) -> None:
-        """Take one batch; once a shard's worth is in, compare it with the shard."""
-        self.ids.append(ids)
-        self.hashes.append(hashes)
-        entry = self.shards[self.index]
-        count = sum(len(x) for x in self.ids)
-        if count < entry["num_samples"]:
-            return
-        where = f"shard {entry['file']!r} of the cache at {str(self.path)!r}"
-        if count > entry["num_samples"]:
-            raise ValueError(
-                f"The dataloader's batches do not line up with {where} ({entry['num_samples']} "
-                f"samples): the data differs from the cached data. Use the same dataset, batch "
-                "size and order (shuffle=False), or pass overwrite=True to rebuild."
-            )
-        data = map_shard(self.path, entry)
-        stored_ids = shard_field(data, entry, "sample_id")
-        stored_hashes = shard_field(data, entry, "input_hash")
-        ids, hashes = torch.cat(self.ids), torch.cat(self.hashes)
-        if not torch.equal(ids, stored_ids):
-            raise ValueError(
-                f"The sample ids differ from those in {where} (cached first ids "
-                f"{stored_ids[:5].tolist()}, now {ids[:5].tolist()}): the data changed. Pass "
-                "overwrite=True to rebuild."
-            )
-        changed = (hashes != stored_hashes).nonzero().flatten()
-        if len(changed):
-            raise ValueError(
-                f"The inputs of sample ids {ids[changed[:5]].tolist()} differ from those cached "
-                f"in {where}: the data changed. Pass overwrite=True to rebuild."
-            )
-        self.index += 1
-        self.ids, self.hashes = [], []
-
-    def samples_replayed(self) -> int:
-        """Samples in the shards replayed so far."""
-        return sum(entry["num_samples"] for entry in self.shards[: self.index])
 
 
 def _new_manifest(settings: dict[str, Any]) -> dict[str, Any]:
@@ -382,7 +171,7 @@ def _open_or_start(path: Path, settings: dict[str, Any], overwrite: bool) -> dic
         )
     if manifest is not None:
         _check_settings(path, manifest, settings)
-        finished = _verified_prefix(path, manifest["shards"])
+        finished = verified_prefix(path, manifest["shards"])
         if not finished:  # not one shard survives verification: nothing to keep
             manifest = None
     if manifest is None:
@@ -404,8 +193,8 @@ class _Build:
         self.path = path
         self.manifest = manifest
         self.complete = bool(manifest["complete"])  # an existing cache, only to be checked
-        self.replay = _Replay(path, list(manifest["shards"]))
-        self.writer = _ShardWriter(path, manifest, shard_bytes)
+        self.replay = Replay(path, list(manifest["shards"]))
+        self.writer = ShardWriter(path, manifest, shard_bytes)
         self.seen: set[int] = set()
         self.ids: list[Tensor] = []
         self.hashes: list[Tensor] = []
@@ -438,7 +227,7 @@ class _Build:
         self.hashes.append(hashes)
         return hashes
 
-    def run(self, dataloader: Iterable[Any], runner: _TeacherRunner, bar: Any) -> None:
+    def run(self, dataloader: Iterable[Any], runner: TeacherRunner, bar: Any) -> None:
         """Go through the dataloader once, then finish (or check) the manifest."""
         for batch in dataloader:
             ids, inputs = split_batch(batch)
@@ -527,7 +316,7 @@ def build_cache(
         build = _Build(path, manifest, shard_bytes)
         bar = _progress(dataloader, progress)
         try:
-            with _TeacherRunner(teacher, manifest["layers"], dtype) as runner:
+            with TeacherRunner(teacher, manifest["layers"], dtype) as runner:
                 build.run(dataloader, runner, bar)
         finally:
             if bar is not None:

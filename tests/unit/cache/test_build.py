@@ -155,7 +155,7 @@ def test_interrupted_build_resumes(tmp_path, teacher, loader, caplog) -> None:
     shard.write_bytes(b"\xff" + shard.read_bytes()[1:])
     counter = _CallCounter()
     handle = teacher.register_forward_pre_hook(counter)
-    with caplog.at_level(logging.WARNING, logger="kdistill.cache.build"):
+    with caplog.at_level(logging.WARNING, logger="kdistill.cache"):
         resumed = _build(teacher, loader, tmp_path / "c", shard_bytes=1)
     handle.remove()
     assert counter.calls == 3  # 4 batches, the first shard kept
