@@ -131,6 +131,10 @@ class TeacherCache:
         Calling ``build`` again on the same path resumes an interrupted build (finished shards
         are verified by checksum and kept; the dataloader must replay the same batches), or, for
         a complete cache, checks it against the data and returns it without running the teacher.
+        A build that fails before its first shard is finished leaves nothing behind (a directory
+        it created is removed again), so a corrected call simply starts over. Files are created
+        with mode ``0o666`` minus the umask (like ``torch.save``); only the format's own files
+        (``manifest.json``, ``shard-NNNNN.bin``) are written or deleted, never through a symlink.
 
         Args:
             teacher: The teacher model; its ``state_dict`` is fingerprinted into the manifest.
@@ -156,9 +160,11 @@ class TeacherCache:
 
         Raises:
             ValueError: Unknown layer, bad ``top_k``/``dtype``, repeated sample ids, outputs whose
-                per-sample shape changes, or an existing cache at ``path`` built with another
-                teacher, settings or data (the message names what differs).
+                per-sample shape changes, an existing cache at ``path`` built with another
+                teacher, settings or data (the message names what differs), a malformed manifest,
+                or a symlink or other non-regular file at one of the cache's file names.
             TypeError: A batch that follows neither convention.
+            RuntimeError: A cached layer that the teacher's forward does not call.
         """
         build_cache(
             teacher,
