@@ -10,6 +10,12 @@ import kdistill.demo.mnist
 from kdistill.cli.__main__ import COMMANDS, build_parser, main
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch) -> None:
+    """Commands create their default output directories (./kdistill-out/...) at the start."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
