@@ -4,6 +4,7 @@
 for ``modelopt.torch.distill`` / ``modelopt.torch.opt``.
 """
 
+from ._version import __version__ as __version__
 from .balancers import DistillationLossBalancer as DistillationLossBalancer
 from .balancers import DynamicLossBalancer as DynamicLossBalancer
 from .balancers import ScheduledLossBalancer as ScheduledLossBalancer
@@ -45,8 +46,6 @@ from .losses import list_losses as list_losses
 from .losses import register_loss as register_loss
 from .model import DistillationModel as DistillationModel
 from .modes import list_modes as list_modes
-
-__version__ = "0.1.0"
 
 # ModelOpt's names for the mode state (``modelopt.torch.opt``), kept for migrating users.
 modelopt_state = mode_state

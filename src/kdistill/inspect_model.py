@@ -1,8 +1,8 @@
 """List a model's named submodules with their output shapes, to pick layer pairs for distillation.
 
-``kdistill inspect`` is the command-line front end. The criterion dict of ``kd_loss`` /
-``layerwise_kd`` maps ``(student_layer, teacher_layer)`` names to losses; feature losses such as
-MSE need both outputs to have the same shape, which :func:`matching_pairs` lists.
+``kdistill inspect`` (``kdistill.cli._inspect``) is the command-line front end. The criterion dict
+of ``kd_loss`` / ``layerwise_kd`` maps ``(student_layer, teacher_layer)`` names to losses; feature
+losses such as MSE need both outputs to have the same shape, which :func:`matching_pairs` lists.
 
 Example:
     >>> import torch
@@ -12,8 +12,8 @@ Example:
     [('fc1', '[1, 32]')]
 """
 
-import importlib
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Any
@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "ModuleRow",
+    "criterion_key",
     "format_side_by_side",
     "format_summary",
-    "load_factory",
     "matching_pairs",
     "summarize_modules",
 ]
@@ -53,35 +53,6 @@ class ModuleRow:
     def label(self) -> str:
         """The name to show: ``"(root)"`` for the root module."""
         return self.name or ROOT_NAME
-
-
-def load_factory(spec: str) -> Callable[[], Any]:
-    """Import ``MODULE:FACTORY`` (e.g. ``"kdistill.testing.models:tiny_mlp"``) and return it.
-
-    ``FACTORY`` may be dotted (``"module:Class.build"``). This imports ``MODULE``, so only pass a
-    module you trust.
-
-    Raises:
-        ValueError: ``spec`` is not ``MODULE:FACTORY``, or the attribute does not exist.
-        ModuleNotFoundError: ``MODULE`` cannot be imported.
-        TypeError: The attribute is not callable.
-    """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(
-            f"Expected MODULE:FACTORY, e.g. 'kdistill.testing.models:tiny_mlp', got {spec!r}."
-        )
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            public = sorted(n for n in dir(obj) if not n.startswith("_"))
-            raise ValueError(
-                f"{module_name!r} has no attribute {attr!r}. Available: {public[:30]}."
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{spec!r} is a {type(obj).__name__}, not a callable that builds a model.")
-    return obj
 
 
 def _shape_text(output: Any) -> str:
@@ -136,7 +107,7 @@ def summarize_modules(model: nn.Module, example_input: Tensor) -> list[ModuleRow
     ]
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -165,10 +136,19 @@ def matching_pairs(student: list[ModuleRow], teacher: list[ModuleRow]) -> list[t
     ]
 
 
+def criterion_key(student_name: str, teacher_name: str) -> str:
+    """A pair as a criterion key to paste into a config, e.g. ``("", "head")``.
+
+    ``""`` is the root module: ``criterion_key("", "head")`` returns ``'("", "head")'``.
+    """
+    return f"({json.dumps(student_name)}, {json.dumps(teacher_name)})"
+
+
 def format_side_by_side(student: list[ModuleRow], teacher: list[ModuleRow]) -> str:
     """Student and teacher modules side by side (in order), then every pair with equal shapes.
 
-    A row is marked ``=`` when the two modules on it have the same output shape.
+    A row is marked ``=`` when the two modules on it have the same output shape. The pairs are
+    printed as criterion keys, ready to paste: ``("fc1", "fc1")``, ``("", "")``.
     """
     empty = ModuleRow("", "", "", 0)
     rows = []
@@ -189,6 +169,11 @@ def format_side_by_side(student: list[ModuleRow], teacher: list[ModuleRow]) -> s
     header = ("student", "output shape", "params", "", "teacher", "output shape", "params")
     text = _table(header, rows)
     pairs = matching_pairs(student, teacher)
-    lines = [text, "", f"pairs with equal output shapes ({len(pairs)}):"]
-    lines += [f"  ({s or ROOT_NAME!s}, {t or ROOT_NAME!s})" for s, t in pairs] or ["  none"]
+    lines = [
+        text,
+        "",
+        f"pairs with equal output shapes ({len(pairs)}), as criterion keys "
+        '(student, teacher); "" is the root:',
+    ]
+    lines += [f"  {criterion_key(s, t)}" for s, t in pairs] or ["  none"]
     return "\n".join(lines)

@@ -124,3 +124,46 @@ def test_topk_float16_cache_trains_and_restores(tmp_path):
     )
     student_only = mtd.export(restored)
     assert not any("teacher" in key for key in student_only.state_dict())
+
+
+def _kdistill(*argv, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "kdistill", *argv],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+        timeout=300,
+    )
+
+
+def test_cache_teacher_command_on_real_digits(tmp_path):
+    pytest.importorskip("sklearn")
+    from kdistill.demo.data import load_dataset
+    from kdistill.demo.mnist import build_mlp
+
+    teacher = build_mlp(64, [32], 10)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    argv = ["cache-teacher", "cache", "--dataset", "digits", "--limit", "50", "--no-progress"]
+    argv += ["--teacher", "kdistill.demo.mnist:build_mlp", "--checkpoint", "teacher.pt"]
+    kwargs = '{"in_features": 64, "hidden": [32], "num_classes": 10}'
+    result = _kdistill(*argv, "--teacher-kwargs", kwargs, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "50 samples of digits train" in result.stdout and result.stderr == ""
+    x = load_dataset("digits").x_train[:50]
+    cached = mtd.CachedTeacher(tmp_path / "cache", teacher=teacher)
+    with torch.no_grad():
+        expected = teacher(x[10:20]).half().float()  # float16 storage by default
+    assert torch.equal(cached(x[10:20]), expected)
+
+    # user errors from the console: one line, exit 2 (usage) or 1 (runtime), never a traceback
+    for extra, status in [
+        (["--teacher-kwargs", "{bad"], 2),
+        (["--teacher-kwargs", '{"in_features": 784, "hidden": [32], "num_classes": 10}'], 1),
+    ]:
+        bad = _kdistill(*argv, *extra, cwd=tmp_path)
+        assert bad.returncode == status, bad.stderr
+        assert bad.stderr.startswith("kdistill: error: ") and bad.stderr.count("\n") == 1

@@ -1,7 +1,7 @@
 """``TeacherCache``: build a teacher cache, open it, look samples up and verify it.
 
-The format is described in ``kdistill.cache._format``; the build (batch convention, resuming) in
-``kdistill.cache.build``.
+The format is described in ``kdistill.cache._format``, the batch convention in
+``kdistill.cache._batch`` and the build (resuming) in ``kdistill.cache.build``.
 """
 
 from collections.abc import Iterable, Sequence
@@ -11,16 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._format import (
-    dtype_from_name,
-    file_sha256,
-    map_shard,
-    read_manifest,
-    sample_input_hashes,
-    shard_field,
-    teacher_fingerprint,
-)
-from .build import DEFAULT_SHARD_BYTES, build_cache, split_batch
+from ._batch import split_batch
+from ._files import cache_file, file_sha256
+from ._format import dtype_from_name, sample_input_hashes, teacher_fingerprint
+from ._manifest import read_manifest
+from ._shards import map_shard, shard_field
+from .build import DEFAULT_SHARD_BYTES, build_cache
 
 __all__ = ["TeacherCache"]
 
@@ -32,8 +28,10 @@ def _first(values: Tensor, count: int = 5) -> list[int]:
 class TeacherCache:
     """A finished teacher cache on disk, opened read-only and memory-mapped.
 
-    Opening reads the manifest and each shard's sample ids and input hashes, and checks every
-    shard's size (a truncated shard is refused here). A shard's SHA-256 is checked the first time
+    Opening reads and checks the manifest (every field, against the format and each shard's size
+    on disk: a malformed manifest or a truncated shard is refused here, before anything is mapped)
+    and each shard's sample ids and input hashes. Shards are read only as regular files inside
+    ``path``, never through a symlink. A shard's SHA-256 is checked the first time
     any of its values is read (or all at once with ``verify()``), so corrupt values are never
     returned.
 
@@ -41,8 +39,9 @@ class TeacherCache:
         path: The cache directory written by ``TeacherCache.build``.
 
     Raises:
-        ValueError: No cache at ``path``, an unknown format version, a missing or truncated shard,
-            or repeated sample ids.
+        ValueError: No cache at ``path``, an unknown format version, a malformed manifest, a
+            missing, truncated or symlinked shard, or repeated sample ids; the message names the
+            cache path.
         RuntimeError: The cache is incomplete (its build was interrupted): resume it by calling
             ``TeacherCache.build`` again with the same arguments.
 
@@ -62,10 +61,10 @@ class TeacherCache:
     def __init__(self, path: str | Path) -> None:
         self._path = Path(path)
         manifest = read_manifest(self._path)
-        if not manifest.get("complete"):
+        if not manifest["complete"]:
             raise RuntimeError(
                 f"The teacher cache at {str(self._path)!r} is incomplete "
-                f"({len(manifest.get('shards', []))} shard(s), {manifest.get('num_samples', 0)} "
+                f"({len(manifest['shards'])} shard(s), {manifest['num_samples']} "
                 "samples written): its build was interrupted. Call TeacherCache.build again with "
                 "the same teacher, dataloader and settings to resume it."
             )
@@ -132,6 +131,10 @@ class TeacherCache:
         Calling ``build`` again on the same path resumes an interrupted build (finished shards
         are verified by checksum and kept; the dataloader must replay the same batches), or, for
         a complete cache, checks it against the data and returns it without running the teacher.
+        A build that fails before its first shard is finished leaves nothing behind (a directory
+        it created is removed again), so a corrected call simply starts over. Files are created
+        with mode ``0o666`` minus the umask (like ``torch.save``); only the format's own files
+        (``manifest.json``, ``shard-NNNNN.bin``) are written or deleted, never through a symlink.
 
         Args:
             teacher: The teacher model; its ``state_dict`` is fingerprinted into the manifest.
@@ -157,9 +160,11 @@ class TeacherCache:
 
         Raises:
             ValueError: Unknown layer, bad ``top_k``/``dtype``, repeated sample ids, outputs whose
-                per-sample shape changes, or an existing cache at ``path`` built with another
-                teacher, settings or data (the message names what differs).
+                per-sample shape changes, an existing cache at ``path`` built with another
+                teacher, settings or data (the message names what differs), a malformed manifest,
+                or a symlink or other non-regular file at one of the cache's file names.
             TypeError: A batch that follows neither convention.
+            RuntimeError: A cached layer that the teacher's forward does not call.
         """
         build_cache(
             teacher,
@@ -248,7 +253,7 @@ class TeacherCache:
 
     def check_samples(self, sample_ids: Tensor, input_hashes: Tensor) -> None:
         """Raise ``ValueError`` unless every id is cached with exactly these input hashes."""
-        flat = self._locate_ids(sample_ids)
+        flat = self.locate(sample_ids)
         changed = (self._hashes[flat] != input_hashes).nonzero().flatten()
         if len(changed):
             raise ValueError(
@@ -281,17 +286,22 @@ class TeacherCache:
         if index in self._verified:
             return
         entry = self._shards[index]
-        if file_sha256(self._path / entry["file"]) != entry["sha256"]:
+        file = cache_file(self._path, entry["file"])
+        if file_sha256(file) != entry["sha256"]:
             raise ValueError(
-                f"Cache shard {str(self._path / entry['file'])!r} fails its SHA-256 checksum: it "
+                f"Cache shard {str(file)!r} fails its SHA-256 checksum: it "
                 "is corrupt. Rebuild the cache (or delete the shard and resume the build with "
                 "TeacherCache.build)."
             )
         self._verified.add(index)
 
     # ------------------------------------------------------------------ look-ups
-    def _locate_ids(self, sample_ids: Tensor) -> Tensor:
-        """Flat row indices ``[B]`` of ``sample_ids``; ``ValueError`` listing missing ids."""
+    def locate(self, sample_ids: Tensor) -> Tensor:
+        """Flat cache rows ``[B]`` (int64) holding the given sample ids.
+
+        Raises:
+            ValueError: Some ids are not cached (the message lists them).
+        """
         sample_ids = torch.as_tensor(sample_ids).to("cpu", torch.int64).flatten()
         if not len(self._sorted_ids):
             raise ValueError(f"The teacher cache at {str(self._path)!r} is empty.")
@@ -303,10 +313,6 @@ class TeacherCache:
                 f"{str(self._path)!r} ({self.num_samples} samples): it was built on other data."
             )
         return self._id_order[pos]
-
-    def locate(self, sample_ids: Tensor) -> Tensor:
-        """Flat cache rows ``[B]`` (int64) holding the given sample ids."""
-        return self._locate_ids(sample_ids)
 
     def locate_inputs(self, input_hashes: Tensor) -> Tensor:
         """Flat cache rows ``[B]`` whose inputs have these hashes (see ``sample_input_hashes``).
@@ -355,5 +361,10 @@ class TeacherCache:
                 sel = (shards == shard).nonzero().flatten()
                 field = shard_field(self._data[shard], self._shards[shard], field_name)
                 out[sel] = field[local[sel]]
+            if suffix == "topk_indices" and len(out) and out.min() < 0:
+                raise ValueError(
+                    f"The teacher cache at {str(self._path)!r} holds negative class indices in "
+                    f"layer {layer!r}: it is corrupt. Rebuild it."
+                )
             outputs.append(out)
         return tuple(outputs)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..losses.logits import TopKTeacher
+from ..losses import TopKTeacher
 from ._format import sample_input_hashes
 from .store import TeacherCache
 
@@ -107,18 +107,26 @@ class CachedTeacher(nn.Module):
                 self._add_layer(layer)
 
     def _add_layer(self, layer: str) -> None:
+        """Add a ``_CachedLayer`` at the dotted path ``layer``, with ``_Node`` parents."""
         parent: nn.Module = self
         *parents, leaf = layer.split(".")
         for part in parents:
-            if part not in parent._modules:
-                parent.add_module(part, _Node())
-            parent = parent._modules[part]  # type: ignore[assignment]
-        if leaf in parent._modules or hasattr(parent, leaf):
-            raise ValueError(
-                f"Cached layer name {layer!r} clashes with an attribute of CachedTeacher; rename "
-                "the teacher module or cache its parent layer instead."
-            )
+            child = dict(parent.named_children()).get(part)
+            if child is None:
+                self._check_free(parent, part, layer)
+                child = _Node()
+                parent.add_module(part, child)
+            parent = child  # a _Node, or a cached parent layer
+        self._check_free(parent, leaf, layer)
         parent.add_module(leaf, _CachedLayer())
+
+    def _check_free(self, parent: nn.Module, name: str, layer: str) -> None:
+        if name in dict(parent.named_children()) or hasattr(parent, name):
+            raise ValueError(
+                f"Cached layer name {layer!r} of the cache at {str(self.cache.path)!r} clashes "
+                f"with an attribute of CachedTeacher ({name!r}); rename the teacher module or "
+                "cache its parent layer instead."
+            )
 
     def extra_repr(self) -> str:
         """Show the cache path and size."""

@@ -1,18 +1,20 @@
-"""The ``kdistill`` command line: ``kdistill demo``, ``kdistill demo llm``, ``kdistill inspect``.
+"""The ``kdistill`` command line: ``demo`` (and ``demo llm``), ``inspect``, ``cache-teacher``.
 
-Each subcommand lives in its own module of this package, which exposes two functions:
+Each command lives in its own module of this package (``_demo``, ``_inspect``,
+``_cache_teacher``), which exposes two functions:
 
 - ``add_parser(subparsers)``: adds its parser to the ``argparse`` sub-parsers and sets
   ``handler=run`` on it with ``set_defaults``;
 - ``run(args) -> int``: does the work and returns the exit status.
 
-``cli/__main__.py`` lists these modules in ``COMMANDS``: adding a subcommand is a new module plus
-one entry there. Handlers raise :class:`CLIError` for mistakes the user can fix; ``main`` prints
-its message on one line (no traceback) and exits with status 1.
+``cli/__main__.py`` lists these modules in ``COMMANDS``: adding a command is a new module plus one
+entry there; ``cli/_args.py`` holds what the commands share. The CLI depends on the library, never
+the reverse. Handlers raise :class:`UsageError` (exit status 2) or :class:`CLIError` (exit status
+1) for mistakes the user can fix; ``main`` prints them on one line, without a traceback (unless
+``kdistill --debug``).
 """
 
-__all__ = ["CLIError"]
+from ._args import CLIError as CLIError
+from ._args import UsageError as UsageError
 
-
-class CLIError(Exception):
-    """A user error with a one-line message (bad ``MODULE:FACTORY``, missing extra, ...)."""
+__all__ = ["CLIError", "UsageError"]

@@ -7,15 +7,17 @@ from typing import Any
 
 import torch
 
-from . import CLIError
+from ._args import (
+    CLIError,
+    check_device,
+    device_name,
+    positive_int,
+    prepare_output_dir,
+)
 
 __all__ = [
     "add_common_arguments",
     "add_parser",
-    "check_device",
-    "device_name",
-    "positive_float",
-    "positive_int",
     "require",
     "run",
     "run_llm",
@@ -23,28 +25,6 @@ __all__ = [
 ]
 
 DEFAULT_OUTPUT_DIR = Path("kdistill-out") / "demo"
-
-
-def positive_int(text: str) -> int:
-    """``argparse`` type: an integer ≥ 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """``argparse`` type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def seed_list(text: str) -> tuple[int, ...]:
@@ -58,25 +38,6 @@ def seed_list(text: str) -> tuple[int, ...]:
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
     return seeds
-
-
-def device_name(text: str) -> str:
-    """``argparse`` type: a torch device string such as ``cpu``, ``cuda`` or ``cuda:1``."""
-    try:
-        return str(torch.device(text))
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a torch device such as cpu or cuda:0, got {text!r}"
-        ) from None
-
-
-def check_device(device: str) -> None:
-    """Raise :class:`CLIError` when ``device`` is not available on this machine."""
-    kind = torch.device(device).type
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: CUDA is not available here; use --device cpu.")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise CLIError(f"--device {device}: MPS is not available here; use --device cpu.")
 
 
 def require(modules: tuple[str, ...], extra: str) -> None:
@@ -219,6 +180,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run the MNIST demo, print the table and write the report."""
+    prepare_output_dir(args.output_dir, "--output-dir")
     require(("tqdm", "matplotlib"), "demo")
     check_device(args.device)
     from kdistill.demo.data import mnist_available
@@ -252,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_llm(args: argparse.Namespace) -> int:
     """Run the LLM demo: print the perplexity table and write ``report.json``."""
+    prepare_output_dir(args.output_dir, "--output-dir")
     import dataclasses
     import json
 

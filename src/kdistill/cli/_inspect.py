@@ -1,15 +1,21 @@
 """``kdistill inspect MODULE:FACTORY --input-shape ...``: submodules, output shapes, parameters."""
 
 import argparse
-import os
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import CLIError
-from ._demo import check_device, device_name
+from ..inspect_model import format_side_by_side, format_summary, summarize_modules
+from ._args import (
+    CLIError,
+    build_module,
+    check_device,
+    device_name,
+    factory_spec,
+    first_line,
+    json_object,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -40,15 +46,25 @@ def add_parser(subparsers: Any) -> None:
         "inspect",
         help="list a model's submodules with output shapes, to choose layer pairs",
         description=(
-            "Build a model by calling MODULE:FACTORY (no arguments; the module is imported, so "
-            "only name code you trust), run one forward on zeros of --input-shape, and print "
-            "every named submodule with its output shape and parameter count. With --teacher, "
-            "show both models side by side and list the (student, teacher) pairs whose output "
-            "shapes are equal."
+            "Build a model by calling MODULE:FACTORY (with the --model-kwargs JSON object; the "
+            "module is imported, so only name code you trust), run one forward on zeros of "
+            "--input-shape, and print every named submodule with its output shape and parameter "
+            "count. With --teacher, show both models side by side and list the (student, "
+            'teacher) pairs whose output shapes are equal, as criterion keys such as ("", "").'
         ),
     )
     parser.add_argument(
-        "model", metavar="MODULE:FACTORY", help="e.g. kdistill.testing.models:tiny_mlp"
+        "model",
+        type=factory_spec,
+        metavar="MODULE:FACTORY",
+        help="e.g. kdistill.testing.models:tiny_mlp",
+    )
+    parser.add_argument(
+        "--model-kwargs",
+        type=json_object,
+        default={},
+        metavar="JSON",
+        help="keyword arguments of the model's factory, as a JSON object",
     )
     parser.add_argument(
         "--input-shape", type=shape, required=True, metavar="SIZES", help="e.g. 1,784"
@@ -59,53 +75,41 @@ def add_parser(subparsers: Any) -> None:
         default="float32",
         help="dtype of the zero input (int64 for token ids; default: float32)",
     )
-    parser.add_argument("--teacher", metavar="MODULE:FACTORY", help="a teacher to compare with")
+    parser.add_argument(
+        "--teacher", type=factory_spec, metavar="MODULE:FACTORY", help="a teacher to compare with"
+    )
+    parser.add_argument(
+        "--teacher-kwargs",
+        type=json_object,
+        default={},
+        metavar="JSON",
+        help="keyword arguments of the teacher's factory, as a JSON object",
+    )
     parser.add_argument(
         "--device", type=device_name, default="cpu", help="torch device (default: cpu)"
     )
     parser.set_defaults(handler=run)
 
 
-def _build(spec: str, device: str) -> nn.Module:
-    """Import and call the factory, turning the user's mistakes into one-line errors."""
-    from kdistill.inspect_model import load_factory
-
+def _summarize(model: nn.Module, spec: str, example: torch.Tensor) -> list[Any]:
     try:
-        factory = load_factory(spec)
-    except ModuleNotFoundError as error:
-        raise CLIError(f"{spec}: cannot import module {error.name!r}.") from None
-    except (ValueError, TypeError) as error:
-        raise CLIError(str(error)) from None
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise CLIError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module.")
-    return model.to(device)
+        return summarize_modules(model, example)
+    except Exception as error:  # the user's forward: report it on one line
+        raise CLIError(
+            f"{spec}: forward on zeros of shape {list(example.shape)} failed "
+            f"({type(error).__name__}: {first_line(error)}). Check --input-shape / --input-dtype."
+        ) from error
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the submodule table of the model (and of the teacher, side by side)."""
-    from kdistill.inspect_model import format_side_by_side, format_summary, summarize_modules
-
     check_device(args.device)
-    # A console script does not put the working directory on sys.path; `python -m` does.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     example = torch.zeros(args.input_shape, dtype=_DTYPES[args.input_dtype], device=args.device)
-    rows = {}
-    for role, spec in (("model", args.model), ("teacher", args.teacher)):
-        if spec is None:
-            continue
-        model = _build(spec, args.device)
-        try:
-            rows[role] = summarize_modules(model, example)
-        except (RuntimeError, TypeError, ValueError, IndexError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise CLIError(
-                f"{spec}: forward on zeros of shape {list(args.input_shape)} failed "
-                f"({type(error).__name__}: {first_line}). Check --input-shape / --input-dtype."
-            ) from None
+    model = build_module(args.model, args.model_kwargs, "--model-kwargs").to(args.device)
+    rows = _summarize(model, args.model, example)
     if args.teacher is None:
-        print(format_summary(rows["model"]))
-    else:
-        print(format_side_by_side(rows["model"], rows["teacher"]))
+        print(format_summary(rows))
+        return 0
+    teacher = build_module(args.teacher, args.teacher_kwargs, "--teacher-kwargs").to(args.device)
+    print(format_side_by_side(rows, _summarize(teacher, args.teacher, example)))
     return 0

@@ -1,7 +1,10 @@
 """TeacherCache.build: contents, manifest, validation, staleness and resuming."""
 
+import hashlib
 import json
 import logging
+import os
+import stat
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import kdistill
 from kdistill.cache import TeacherCache, sample_input_hashes, teacher_fingerprint
-from kdistill.cache._format import data_fingerprint, file_sha256
+from kdistill.cache._format import data_fingerprint
 from kdistill.losses import TopKTeacher
 from kdistill.testing.models import TinyMLP
 
@@ -94,7 +97,9 @@ def test_manifest_records_provenance(tmp_path, teacher, loader, data) -> None:
     ]
     assert len(manifest["shards"]) == 4  # shard_bytes=1: one shard per batch
     for entry in manifest["shards"]:
-        assert file_sha256(tmp_path / entry["file"]) == entry["sha256"]
+        assert (
+            hashlib.sha256((tmp_path / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
+        )
     assert cache.nbytes == sum(p.stat().st_size for p in tmp_path.glob("shard-*.bin"))
 
 
@@ -150,7 +155,7 @@ def test_interrupted_build_resumes(tmp_path, teacher, loader, caplog) -> None:
     shard.write_bytes(b"\xff" + shard.read_bytes()[1:])
     counter = _CallCounter()
     handle = teacher.register_forward_pre_hook(counter)
-    with caplog.at_level(logging.WARNING, logger="kdistill.cache.build"):
+    with caplog.at_level(logging.WARNING, logger="kdistill.cache"):
         resumed = _build(teacher, loader, tmp_path / "c", shard_bytes=1)
     handle.remove()
     assert counter.calls == 3  # 4 batches, the first shard kept
@@ -230,13 +235,16 @@ def _bad_build(tmp_path, teacher, loader, **kwargs):
         ({"layers": []}, ValueError, "`layers` is empty"),
         ({"layers": ["fc1", "fc1"]}, ValueError, "duplicates"),
         ({"layers": [3]}, TypeError, "list of module names"),
-        ({"top_k": 0}, ValueError, "positive int"),
+        ({"top_k": 0}, ValueError, r"`top_k\[''\]` must be an integer >= 1"),
+        ({"top_k": {"": True}}, TypeError, r"`top_k\[''\]` must be an integer"),
         ({"top_k": 2.0}, TypeError, "`top_k` must be None, an int or a dict"),
         ({"top_k": {"fc1": 2}}, ValueError, "not in `layers`"),
         ({"top_k": NUM_CLASSES + 1}, ValueError, "exceeds its 10 classes"),
         ({"dtype": torch.int8}, ValueError, "`dtype` must be one of"),
-        ({"shard_bytes": 0}, ValueError, "`shard_bytes` must be a positive int"),
-        ({"temperature": 0}, ValueError, "`temperature` must be a positive number"),
+        ({"shard_bytes": 0}, ValueError, "`shard_bytes` must be an integer >= 1"),
+        ({"temperature": 0}, ValueError, "`temperature` must be a finite number > 0"),
+        ({"temperature": float("inf")}, ValueError, "`temperature` must be a finite number"),
+        ({"temperature": True}, TypeError, "`temperature` must be a number"),
     ],
     ids=lambda v: str(v)[:30],
 )
@@ -326,3 +334,91 @@ def test_progress_bar_uses_tqdm(tmp_path, teacher, loader, capsys) -> None:
     pytest.importorskip("tqdm")
     _build(teacher, loader, tmp_path, progress=True)
     assert "caching teacher outputs" in capsys.readouterr().err
+
+
+def _failing_teacher(teacher, fail_at=1):
+    counter = _CallCounter()
+
+    def fail(module, args):
+        counter.calls += 1
+        if counter.calls >= fail_at:
+            raise RuntimeError("the teacher's forward failed")
+
+    return teacher.register_forward_pre_hook(fail)
+
+
+def test_a_build_failing_before_its_first_shard_leaves_nothing(tmp_path, teacher, loader) -> None:
+    handle = _failing_teacher(teacher)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        _build(teacher, loader, tmp_path / "new" / "cache")
+    assert not (tmp_path / "new" / "cache").exists()  # the directory it created is gone too
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="forward failed"):
+        _build(teacher, loader, tmp_path / "empty")
+    assert list((tmp_path / "empty").iterdir()) == []
+    handle.remove()
+    # a corrected rerun (here: another teacher) simply builds; nothing is "stale"
+    other = TinyMLP(16, 32, NUM_CLASSES)
+    cache = _build(other, loader, tmp_path / "empty")
+    assert cache.teacher_fingerprint == teacher_fingerprint(other)
+
+
+def test_a_manifest_without_finished_shards_is_started_over(tmp_path, teacher, loader) -> None:
+    _build(teacher, loader, tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        (tmp_path / entry["file"]).unlink()
+    # what an earlier kdistill left after a failed first batch: settings, no shard
+    manifest.update(shards=[], num_samples=0, complete=False, data_fingerprint=None)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    other = TinyMLP(16, 32, NUM_CLASSES)  # different weights: no "stale" error
+    assert _build(other, loader, tmp_path).teacher_fingerprint == teacher_fingerprint(other)
+
+
+def test_leftover_temp_files_without_a_manifest_are_cleared(tmp_path, teacher, loader) -> None:
+    (tmp_path / "shard-00000.bin.tmp").write_bytes(b"killed while writing")
+    (tmp_path / "manifest.json.tmp").write_bytes(b"{")
+    cache = _build(teacher, loader, tmp_path)
+    assert cache.num_samples == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "shard-00000.bin"]
+
+
+def test_resume_refuses_batches_whose_shape_differs_from_the_kept_shards(tmp_path) -> None:
+    teacher = _KeywordTeacher()
+    batches = [
+        {
+            "sample_id": torch.arange(2 * i, 2 * i + 2),
+            "input": {
+                "input_ids": torch.zeros(2, length, dtype=torch.long),
+                "attention_mask": torch.ones(2, length),
+            },
+        }
+        for i, length in enumerate((4, 5))
+    ]
+    handle = teacher.register_forward_pre_hook(_CallCounter(fail_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        _build(teacher, batches, tmp_path, shard_bytes=1)
+    handle.remove()
+    assert json.loads((tmp_path / "manifest.json").read_text())["layers"][0]["sample_shape"] == [
+        4,
+        7,
+    ]
+    with pytest.raises(ValueError, match=r"per-sample shape \[5, 7\], earlier batches \[4, 7\]"):
+        _build(teacher, batches, tmp_path, shard_bytes=1)
+
+
+def test_a_layer_that_does_not_run_is_an_error(tmp_path, teacher, loader) -> None:
+    teacher.unused = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="'unused' was not called by the teacher's forward"):
+        _build(teacher, loader, tmp_path, layers=["", "unused"])
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002], ids=oct)
+def test_cache_files_respect_the_umask(tmp_path, teacher, loader, mask) -> None:
+    previous = os.umask(mask)
+    try:
+        _build(teacher, loader, tmp_path / "c", shard_bytes=1)
+    finally:
+        os.umask(previous)
+    for file in (tmp_path / "c").iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file.name

@@ -1,8 +1,7 @@
-"""The cache's on-disk primitives: fingerprints, input hashes, shards and manifests."""
+"""The cache's on-disk primitives: fingerprints, input hashes, file names and shards."""
 
 import copy
 import hashlib
-import json
 import struct
 
 import pytest
@@ -10,17 +9,13 @@ import torch
 
 from kdistill.cache._format import (
     ALIGNMENT,
-    FORMAT_NAME,
-    FORMAT_VERSION,
+    aligned,
     data_fingerprint,
-    map_shard,
-    read_manifest,
+    is_cache_file_name,
     sample_input_hashes,
-    shard_field,
     teacher_fingerprint,
-    write_manifest,
-    write_shard,
 )
+from kdistill.cache._shards import map_shard, shard_field, write_shard
 from kdistill.testing.models import TinyMLP
 
 
@@ -96,8 +91,9 @@ def test_data_fingerprint_is_order_independent() -> None:
 def test_shard_round_trip(tmp_path, dtype) -> None:
     ids = torch.arange(5)
     values = (torch.randn(5, 3, 7) * 10).to(dtype)
-    entry = write_shard(tmp_path / "s.bin", [("sample_id", ids), ("v", values)])
-    raw = (tmp_path / "s.bin").read_bytes()
+    entry = write_shard(tmp_path, 3, [("sample_id", ids), ("v", values)])
+    raw = (tmp_path / "shard-00003.bin").read_bytes()
+    assert entry["file"] == "shard-00003.bin"
     assert entry["nbytes"] == len(raw)
     assert entry["sha256"] == hashlib.sha256(raw).hexdigest()
     assert all(f["offset"] % ALIGNMENT == 0 for f in entry["fields"].values())
@@ -108,35 +104,55 @@ def test_shard_round_trip(tmp_path, dtype) -> None:
 
 
 def test_shard_bytes_are_little_endian_raw(tmp_path) -> None:
-    entry = write_shard(tmp_path / "s.bin", [("x", torch.tensor([1, 256], dtype=torch.int32))])
-    assert (tmp_path / "s.bin").read_bytes() == b"\x01\0\0\0\0\x01\0\0"
+    entry = write_shard(tmp_path, 0, [("x", torch.tensor([1, 256], dtype=torch.int32))])
+    assert (tmp_path / "shard-00000.bin").read_bytes() == b"\x01\0\0\0\0\x01\0\0"
     assert entry["fields"]["x"] == {"offset": 0, "dtype": "int32", "shape": [2]}
 
 
+def test_fields_are_padded_to_the_alignment(tmp_path) -> None:
+    entry = write_shard(
+        tmp_path, 0, [("a", torch.tensor([7], dtype=torch.int32)), ("b", torch.tensor([9.0]))]
+    )
+    raw = (tmp_path / "shard-00000.bin").read_bytes()
+    assert entry["fields"]["b"]["offset"] == ALIGNMENT
+    assert raw == struct.pack("<i", 7) + b"\0" * (ALIGNMENT - 4) + struct.pack("<f", 9.0)
+    assert [aligned(n) for n in (0, 1, ALIGNMENT, ALIGNMENT + 1)] == [0, 64, 64, 128]
+
+
 def test_map_shard_refuses_truncated_and_missing(tmp_path) -> None:
-    entry = write_shard(tmp_path / "s.bin", [("x", torch.zeros(100))])
-    with open(tmp_path / "s.bin", "r+b") as f:
+    entry = write_shard(tmp_path, 0, [("x", torch.zeros(100))])
+    with open(tmp_path / "shard-00000.bin", "r+b") as f:
         f.truncate(entry["nbytes"] - 4)
     with pytest.raises(ValueError, match="truncated"):
         map_shard(tmp_path, entry)
-    (tmp_path / "s.bin").unlink()
+    (tmp_path / "shard-00000.bin").unlink()
     with pytest.raises(ValueError, match="missing"):
         map_shard(tmp_path, entry)
 
 
-def test_manifest_round_trip_and_errors(tmp_path) -> None:
-    with pytest.raises(ValueError, match=r"manifest\.json is missing"):
-        read_manifest(tmp_path)
-    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "shards": []}
-    write_manifest(tmp_path, manifest)
-    assert read_manifest(tmp_path) == manifest
-    assert not list(tmp_path.glob("*.tmp"))
-    (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        read_manifest(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
-    with pytest.raises(ValueError, match="not a kdistill teacher-cache manifest"):
-        read_manifest(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(ValueError, match="format version 99"):
-        read_manifest(tmp_path)
+def test_mapped_shard_is_private(tmp_path) -> None:
+    entry = write_shard(tmp_path, 0, [("x", torch.arange(4.0))])
+    before = (tmp_path / "shard-00000.bin").read_bytes()
+    data = map_shard(tmp_path, entry)
+    data.fill_(0)  # copy-on-write: the file keeps its bytes
+    assert (tmp_path / "shard-00000.bin").read_bytes() == before
+    assert torch.equal(shard_field(map_shard(tmp_path, entry), entry, "x"), torch.arange(4.0))
+
+
+@pytest.mark.parametrize(
+    ("name", "ours"),
+    [
+        ("manifest.json", True),
+        ("manifest.json.tmp", True),
+        ("shard-00000.bin", True),
+        ("shard-123456.bin.tmp", True),
+        ("shard-0000.bin", False),
+        ("../manifest.json", False),
+        ("/etc/passwd", False),
+        ("shard-00000.bin/x", False),
+        ("notes.txt", False),
+        ("manifest.json.bak", False),
+    ],
+)
+def test_cache_file_names_are_the_formats_only(name, ours) -> None:
+    assert is_cache_file_name(name) is ours

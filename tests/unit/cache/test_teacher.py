@@ -189,12 +189,16 @@ def test_truncated_or_missing_shard_is_refused(tmp_path, teacher, loader) -> Non
 
 
 def test_incomplete_cache_is_refused(tmp_path, teacher, loader) -> None:
+    calls = []
+
     def fail(module, args):
-        raise KeyboardInterrupt
+        calls.append(1)
+        if len(calls) == 2:  # after the first shard (one batch) is written
+            raise KeyboardInterrupt
 
     handle = teacher.register_forward_pre_hook(fail)
     with pytest.raises(KeyboardInterrupt):
-        _build(teacher, loader, tmp_path)
+        _build(teacher, loader, tmp_path, shard_bytes=1)
     handle.remove()
     with pytest.raises(RuntimeError, match=r"incomplete.*TeacherCache\.build again"):
         CachedTeacher(tmp_path)

@@ -1,5 +1,6 @@
 """``kdistill inspect`` and ``kdistill.inspect_model``."""
 
+import ast
 import sys
 import textwrap
 from pathlib import Path
@@ -8,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from kdistill.cli import CLIError
 from kdistill.cli.__main__ import main
+from kdistill.cli._args import load_factory
 from kdistill.inspect_model import (
+    criterion_key,
     format_side_by_side,
-    load_factory,
     matching_pairs,
     summarize_modules,
 )
@@ -89,8 +92,12 @@ def test_inspect_with_teacher_flags_equal_shapes(
     assert ("head", "head") in pairs
     assert ("fc1", "fc1") not in pairs
     assert all(next(r for r in student if r.name == s).output_shape == "[1, 10]" for s, _ in pairs)
-    assert f"pairs with equal output shapes ({len(pairs)}):" in out
+    assert f"pairs with equal output shapes ({len(pairs)}), as criterion keys" in out
     assert out == format_side_by_side(student, teacher) + "\n"
+    # every pair is printed as a criterion key that Python reads back as the pair itself
+    printed = [line.strip() for line in out.split("criterion keys")[1].splitlines()[1:]]
+    assert [ast.literal_eval(line) for line in printed] == pairs
+    assert '  ("", "head")' in out.splitlines() and "(root)" not in out.split("criterion keys")[1]
     head_row = next(line for line in out.splitlines() if line.startswith("head "))
     assert " = " in head_row
     fc1_row = next(line for line in out.splitlines() if line.startswith("fc1 "))
@@ -98,24 +105,53 @@ def test_inspect_with_teacher_flags_equal_shapes(
 
 
 @pytest.mark.parametrize(
-    ("spec", "message"),
+    ("spec", "message", "status"),
     [
-        ("no_colon", "Expected MODULE:FACTORY"),
-        ("kdistill_no_such_module_xyz:f", "cannot import module 'kdistill_no_such_module_xyz'"),
-        ("kdistill.testing.models:nope", "has no attribute 'nope'"),
-        ("kdistill.testing.models:__all__", "not a callable"),
-        ("kdistill.testing:models.TinyMLP.__doc__", "not a callable"),
+        ("no_colon", "argument MODULE:FACTORY: expected MODULE:FACTORY", 2),
+        ("a:b c", "argument MODULE:FACTORY: expected MODULE:FACTORY", 2),
+        (
+            "kdistill_no_such_module_xyz:f",
+            "cannot import module 'kdistill_no_such_module_xyz'",
+            1,
+        ),
+        ("kdistill.testing.models:nope", "has no attribute 'nope'", 1),
+        ("kdistill.testing.models:__all__", "not a callable", 1),
+        ("kdistill.testing:models.TinyMLP.__doc__", "not a callable", 1),
+        ("kdistill.demo.mnist:build_mlp", "missing a required argument: 'in_features'", 2),
     ],
-    ids=["no-colon", "missing-module", "missing-attribute", "not-callable", "dotted-not-callable"],
+    ids=[
+        "no-colon",
+        "not-a-name",
+        "missing-module",
+        "missing-attribute",
+        "not-callable",
+        "dotted-not-callable",
+        "needs-arguments",
+    ],
 )
 def test_bad_factory_is_one_line_user_error(
-    spec: str, message: str, capsys: pytest.CaptureFixture[str]
+    spec: str, message: str, status: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["inspect", spec, "--input-shape", "1,16"]) == 1
+    try:
+        code = main(["inspect", spec, "--input-shape", "1,16"])
+    except SystemExit as exit_info:  # argparse's own usage errors
+        code = exit_info.code
+    assert code == status
     err = capsys.readouterr().err
     assert message in err
-    assert err.count("\n") == 1
+    assert err.count("\n") == 1 and err.startswith("kdistill: error: ")
     assert "Traceback" not in err
+
+
+def test_factory_arguments_come_from_model_kwargs(capsys: pytest.CaptureFixture[str]) -> None:
+    kwargs = '{"in_features": 8, "hidden": [5], "num_classes": 3}'
+    argv = ["inspect", "kdistill.demo.mnist:build_mlp", "--model-kwargs", kwargs]
+    assert main([*argv, "--input-shape", "2,8"]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert lines["0"][1:4] == ["Linear", "[2,", "5]"] and lines["2"][1:4] == ["Linear", "[2,", "3]"]
+    teacher = ["--teacher", "kdistill.demo.mnist:build_mlp", "--teacher-kwargs", kwargs]
+    assert main([*argv, "--input-shape", "2,8", *teacher]) == 0
+    assert '  ("2", "2")' in capsys.readouterr().out.splitlines()
 
 
 def test_factory_returning_non_module_and_failing_forward(
@@ -130,16 +166,15 @@ def test_factory_returning_non_module_and_failing_forward(
 
 
 @pytest.mark.parametrize(
-    ("spec", "error", "match"),
+    ("spec", "match"),
     [
-        ("a:", ValueError, "Expected MODULE:FACTORY"),
-        ("kdistill.testing.models:missing", ValueError, "Available: .*'tiny_mlp'"),
-        ("kdistill.testing.models:__name__", TypeError, "not a callable"),
+        ("kdistill.testing.models:missing", "Available: .*'tiny_mlp'"),
+        ("kdistill.testing.models:__name__", "not a callable"),
     ],
-    ids=["empty-factory", "missing", "not-callable"],
+    ids=["missing", "not-callable"],
 )
-def test_load_factory_errors(spec: str, error: type[Exception], match: str) -> None:
-    with pytest.raises(error, match=match):
+def test_load_factory_errors(spec: str, match: str) -> None:
+    with pytest.raises(CLIError, match=match):
         load_factory(spec)
 
 
@@ -147,3 +182,15 @@ def test_load_factory_resolves_dotted_attribute() -> None:
     from kdistill.testing.models import TinyMLP
 
     assert load_factory("kdistill.testing:models.TinyMLP") is TinyMLP
+
+
+def test_criterion_key_is_pasteable() -> None:
+    assert criterion_key("", "head") == '("", "head")'
+    assert ast.literal_eval(criterion_key("a.b", 'q"uote')) == ("a.b", 'q"uote')
+
+
+def test_meta_device_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", TINY_MLP, "--input-shape", "1,16", "--device", "meta"])
+    assert info.value.code == 2
+    assert "meta device holds no data" in capsys.readouterr().err
