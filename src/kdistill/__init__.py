@@ -4,6 +4,10 @@
 for ``modelopt.torch.distill`` / ``modelopt.torch.opt``.
 """
 
+from ._serialization import add_safe_factories as add_safe_factories
+from ._serialization import clear_safe_factories as clear_safe_factories
+from ._serialization import get_safe_factories as get_safe_factories
+from ._serialization import safe_factory as safe_factory
 from .balancers import DistillationLossBalancer as DistillationLossBalancer
 from .balancers import DynamicLossBalancer as DynamicLossBalancer
 from .balancers import ScheduledLossBalancer as ScheduledLossBalancer
@@ -13,6 +17,7 @@ from .balancers import list_balancers as list_balancers
 from .balancers import register_balancer as register_balancer
 from .cache import CachedTeacher as CachedTeacher
 from .cache import TeacherCache as TeacherCache
+from .checkpoint import ModeloptStateManager as ModeloptStateManager
 from .checkpoint import mode_state as mode_state
 from .checkpoint import restore as restore
 from .checkpoint import restore_from_mode_state as restore_from_mode_state
@@ -69,6 +74,7 @@ __all__ = [
     "LogitsDistillationLoss",
     "MFTLoss",
     "MGDLoss",
+    "ModeloptStateManager",
     "PKTLoss",
     "RKDLoss",
     "ReverseKLLoss",
@@ -82,10 +88,13 @@ __all__ = [
     "TopKLogitsKLLoss",
     "TopKTeacher",
     "__version__",
+    "add_safe_factories",
+    "clear_safe_factories",
     "convert",
     "export",
     "get_balancer",
     "get_loss",
+    "get_safe_factories",
     "list_balancers",
     "list_losses",
     "list_modes",
@@ -96,5 +105,6 @@ __all__ = [
     "restore",
     "restore_from_mode_state",
     "restore_from_modelopt_state",
+    "safe_factory",
     "save",
 ]
