@@ -44,7 +44,7 @@ __all__ = [
 STATE_VERSION = 1
 _STATE_KEY = "kdistill_state"
 _WEIGHTS_KEY = "model_state_dict"
-MAX_LOSS_ELEMENTS_WITHOUT_WEIGHTS = 2**27
+MAX_LOSS_ELEMENTS_WITHOUT_WEIGHTS = 2**25
 """Most loss-module elements ``restore_from_mode_state`` builds (no tensors bound the sizes)."""
 
 FileLike = str | os.PathLike | IO[bytes]
