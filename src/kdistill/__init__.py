@@ -4,6 +4,10 @@
 for ``modelopt.torch.distill`` / ``modelopt.torch.opt``.
 """
 
+from ._serialization import add_safe_factories as add_safe_factories
+from ._serialization import clear_safe_factories as clear_safe_factories
+from ._serialization import get_safe_factories as get_safe_factories
+from ._serialization import safe_factory as safe_factory
 from ._version import __version__ as __version__
 from .balancers import DistillationLossBalancer as DistillationLossBalancer
 from .balancers import DynamicLossBalancer as DynamicLossBalancer
@@ -14,6 +18,7 @@ from .balancers import list_balancers as list_balancers
 from .balancers import register_balancer as register_balancer
 from .cache import CachedTeacher as CachedTeacher
 from .cache import TeacherCache as TeacherCache
+from .checkpoint import ModeloptStateManager as ModeloptStateManager
 from .checkpoint import mode_state as mode_state
 from .checkpoint import restore as restore
 from .checkpoint import restore_from_mode_state as restore_from_mode_state
@@ -68,6 +73,7 @@ __all__ = [
     "LogitsDistillationLoss",
     "MFTLoss",
     "MGDLoss",
+    "ModeloptStateManager",
     "PKTLoss",
     "RKDLoss",
     "ReverseKLLoss",
@@ -81,10 +87,13 @@ __all__ = [
     "TopKLogitsKLLoss",
     "TopKTeacher",
     "__version__",
+    "add_safe_factories",
+    "clear_safe_factories",
     "convert",
     "export",
     "get_balancer",
     "get_loss",
+    "get_safe_factories",
     "list_balancers",
     "list_losses",
     "list_modes",
@@ -95,5 +104,6 @@ __all__ = [
     "restore",
     "restore_from_mode_state",
     "restore_from_modelopt_state",
+    "safe_factory",
     "save",
 ]

@@ -2,36 +2,230 @@
 
 A checkpoint never holds code or pickles. Losses and balancers are recorded as a registered name
 plus constructor arguments; a teacher factory as ``module`` + ``qualname`` + JSON arguments. On
-restore, the factory is looked up among modules the process has *already imported* (nothing is
-imported), and only user code may be called: ``nn.Module`` subclasses and plain Python functions
-whose source file lies outside the standard library and site-packages.
+restore nothing named by a file is imported, resolved from ``sys.modules`` or reached by walking
+attributes: a loss or balancer class comes from kdistill's registries (filled by
+``register_loss``/``register_balancer``), and a teacher factory is called only if the user put it
+in the allow-list below (``add_safe_factories`` / ``@safe_factory``), the principle of
+``torch.serialization.add_safe_globals``. Records read from a file are checked against size
+caps (``check_record``) before anything else looks at them.
 """
 
 import inspect
 import json
-import os
-import site
-import sys
-import sysconfig
-import types
-from collections.abc import Callable
-from typing import Any
+import math
+import reprlib
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
+import torch
 from torch import nn
 from torch.nn.modules import loss as torch_losses
 
 from ._registry import Registry
 
 __all__ = [
+    "MAX_RECORD_CHARS",
+    "MAX_RECORD_DEPTH",
+    "MAX_RECORD_ITEMS",
+    "add_safe_factories",
     "build_object",
     "check_json_value",
+    "check_record",
+    "clear_safe_factories",
     "constructor_args",
     "describe_object",
-    "resolve_factory",
+    "factory_name",
+    "get_safe_factories",
+    "lookup_safe_factory",
+    "safe_factory",
+    "short_repr",
 ]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # torch's own losses may be used as criteria; they are recorded under "torch.<ClassName>".
 _TORCH_LOSS_PREFIX = "torch."
+
+MAX_RECORD_DEPTH = 32
+"""Deepest nesting of lists/dicts accepted in a record read from a file."""
+MAX_RECORD_ITEMS = 10_000
+"""Most values (containers, keys and scalars together) accepted in a record read from a file."""
+MAX_RECORD_CHARS = 1_000_000
+"""Most characters (all strings and keys together) accepted in a record read from a file."""
+_MAX_INT = 2**63
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 80
+_repr.maxlist = _repr.maxdict = 6
+_repr.maxlevel = 3
+
+
+def short_repr(value: Any) -> str:
+    """``repr`` cut to a readable length (records from files may be huge)."""
+    return _repr.repr(value)
+
+
+# ----------------------------------------------------------------------------- the allow-list
+_SAFE_FACTORIES: dict[str, Callable[..., Any]] = {}
+
+
+def factory_name(fn: Any) -> str | None:
+    """The name ``"module:qualname"`` under which ``fn`` is recorded, or ``None``.
+
+    Lambdas, functions and classes defined inside functions, ``functools.partial`` objects and
+    other callables without a module-level name cannot be recorded by name.
+    """
+    module = getattr(fn, "__module__", None)
+    try:
+        qualname = fn.__qualname__
+    except AttributeError:
+        return None
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
+        return None
+    return f"{module}:{qualname}"
+
+
+def add_safe_factories(factories: Iterable[Callable[..., Any]]) -> None:
+    """Allow ``restore`` to call these teacher factories when a checkpoint names them.
+
+    ``restore`` rebuilds a checkpoint's teacher only from ``teacher_model=`` or from a factory in
+    this allow-list, looked up by the exact ``module:qualname`` recorded at ``save`` (the
+    principle of ``torch.serialization.add_safe_globals``). Registering the same object twice is
+    a no-op.
+
+    Args:
+        factories: Module-level functions or classes (``nn.Module`` subclasses included).
+
+    Raises:
+        TypeError: An entry is not callable, or is a lambda / local function / partial, which
+            cannot be recorded by name (pass such a teacher as ``teacher_model=`` instead).
+        ValueError: Another object is already allowed under the same name.
+
+    Example:
+        >>> import torch, kdistill
+        >>> def build_teacher(hidden: int = 32) -> torch.nn.Module:
+        ...     return torch.nn.Linear(4, hidden)
+        >>> kdistill.add_safe_factories([build_teacher])
+        >>> build_teacher in kdistill.get_safe_factories()
+        True
+        >>> kdistill.clear_safe_factories()
+    """
+    if callable(factories) or isinstance(factories, str | bytes):
+        raise TypeError(
+            "`factories` must be a list of callables, e.g. add_safe_factories([build_teacher])."
+        )
+    entries = list(factories)
+    names = []
+    for fn in entries:
+        if not callable(fn):
+            raise TypeError(f"Safe factories must be callables, got {type(fn).__name__}.")
+        name = factory_name(fn)
+        if name is None:
+            raise TypeError(
+                f"{fn!r} has no module-level name (a lambda, a local function or class, or a "
+                "partial), so no checkpoint can name it. Define it at module level, or pass the "
+                "teacher at restore: restore(model, f, teacher_model=...)."
+            )
+        known = _SAFE_FACTORIES.get(name)
+        if known is not None and known is not fn:
+            raise ValueError(
+                f"Another callable is already allowed as {name!r} ({known!r}); restore looks "
+                "factories up by name, so names must be unique. clear_safe_factories() first."
+            )
+        names.append(name)
+    for name, fn in zip(names, entries, strict=True):
+        _SAFE_FACTORIES[name] = fn
+
+
+def safe_factory(fn: F) -> F:
+    """Decorator form of ``add_safe_factories([fn])``; returns ``fn`` unchanged.
+
+    Example:
+        >>> import torch, kdistill
+        >>> @kdistill.safe_factory
+        ... def make_teacher() -> torch.nn.Module:
+        ...     return torch.nn.Linear(4, 3)
+        >>> make_teacher in kdistill.get_safe_factories()
+        True
+        >>> kdistill.clear_safe_factories()
+    """
+    add_safe_factories([fn])
+    return fn
+
+
+def get_safe_factories() -> list[Callable[..., Any]]:
+    """The teacher factories ``restore`` may call (see ``add_safe_factories``)."""
+    return list(_SAFE_FACTORIES.values())
+
+
+def clear_safe_factories() -> None:
+    """Empty the allow-list of teacher factories."""
+    _SAFE_FACTORIES.clear()
+
+
+def lookup_safe_factory(name: str) -> Callable[..., Any] | None:
+    """The allowed factory recorded as ``name`` (``"module:qualname"``), or ``None``."""
+    return _SAFE_FACTORIES.get(name)
+
+
+# ----------------------------------------------------------------------------- records
+def check_record(value: Any, where: str) -> None:
+    """Check that a record read from a file is plain JSON within the size caps.
+
+    Iterative (no recursion), and it stops at the first cap exceeded, so any input is checked in
+    bounded time and memory. Accepted: dicts with string keys, lists, strings, bools, ``None``,
+    integers with ``|x| < 2**63`` and finite floats.
+
+    Raises:
+        ValueError: A value of another type (tensors, tuples, bytes, ...), a NaN / infinite
+            float, a huge integer, or a record past ``MAX_RECORD_DEPTH`` /
+            ``MAX_RECORD_ITEMS`` / ``MAX_RECORD_CHARS``.
+    """
+    items = chars = 0
+    stack: list[tuple[Any, int, str]] = [(value, 0, where)]
+    while stack:
+        node, depth, path = stack.pop()
+        items += 1
+        if items > MAX_RECORD_ITEMS:
+            raise ValueError(f"{where} holds more than {MAX_RECORD_ITEMS} values.")
+        if depth > MAX_RECORD_DEPTH:
+            raise ValueError(f"{where} is nested deeper than {MAX_RECORD_DEPTH} levels.")
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if not isinstance(key, str):
+                    raise ValueError(f"{path} has a non-string key {short_repr(key)}.")
+                chars += len(key)
+                stack.append((child, depth + 1, f"{path}.{key[:40]}"))
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1, f"{path}[{i}]") for i, child in enumerate(node))
+        elif isinstance(node, str):
+            chars += len(node)
+        elif isinstance(node, bool) or node is None:
+            pass
+        elif isinstance(node, int):
+            if not -_MAX_INT < node < _MAX_INT:
+                raise ValueError(f"{path} is an integer too large for a kdistill record.")
+        elif isinstance(node, float):
+            if not math.isfinite(node):
+                raise ValueError(f"{path} is {node!r}; records hold finite numbers only.")
+        else:
+            raise ValueError(
+                f"{path} is a {type(node).__name__}; records hold JSON values only (dicts, lists, "
+                "strings, numbers, bools, None)."
+            )
+        if chars > MAX_RECORD_CHARS:
+            raise ValueError(f"{where} holds more than {MAX_RECORD_CHARS} characters.")
+
+
+def check_json_value(value: Any, what: str) -> Any:
+    """Return ``value`` as plain JSON (tuples become lists) if it can be saved, else raise."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{what} must be JSON values (numbers, strings, bools, None, lists, dicts with "
+            f"string keys) to be saved, got {short_repr(value)}: {err}."
+        ) from None
 
 
 def _torch_loss_classes() -> dict[str, type[nn.Module]]:
@@ -42,18 +236,6 @@ def _torch_loss_classes() -> dict[str, type[nn.Module]]:
         and issubclass(obj, torch_losses._Loss)
         and not name.startswith("_")
     }
-
-
-def check_json_value(value: Any, what: str) -> Any:
-    """Return ``value`` if it survives a JSON round trip unchanged in meaning, else raise."""
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"{what} must be JSON values (numbers, strings, bools, None, lists, dicts with "
-            f"string keys) to be saved, got {value!r}: {err}."
-        ) from None
-    return value
 
 
 def constructor_args(obj: nn.Module) -> dict[str, Any]:
@@ -101,8 +283,37 @@ def describe_object(obj: nn.Module, registry: Registry, allow_torch_losses: bool
     return {"name": name, "args": constructor_args(obj)}
 
 
-def build_object(record: Any, registry: Registry, allow_torch_losses: bool = False) -> nn.Module:
-    """Rebuild an object recorded by ``describe_object``, resolving the class by name only."""
+def _resolve_class(name: str, registry: Registry, allow_torch_losses: bool) -> type:
+    if len(name) > 200:
+        raise ValueError(f"Unknown {registry.kind} {short_repr(name)} (name too long).")
+    if allow_torch_losses and name.startswith(_TORCH_LOSS_PREFIX):
+        classes = _torch_loss_classes()
+        short = name[len(_TORCH_LOSS_PREFIX) :]
+        if short not in classes:
+            raise ValueError(f"Unknown torch loss {short_repr(short)}.")
+        return classes[short]
+    return registry.get(name)
+
+
+def build_object(
+    record: Any,
+    registry: Registry,
+    allow_torch_losses: bool = False,
+    device: str | None = None,
+) -> nn.Module:
+    """Rebuild an object recorded by ``describe_object``, resolving the class by name only.
+
+    Args:
+        record: ``{"name": str, "args": dict}``, already checked by ``check_record``.
+        registry: Where ``name`` is looked up.
+        allow_torch_losses: Also accept ``"torch.<LossClass>"`` (torch's own losses).
+        device: Build under ``torch.device(device)``, e.g. ``"meta"`` to learn parameter shapes
+            without allocating memory.
+
+    Raises:
+        ValueError: A malformed record, an unknown name, or arguments the constructor refuses.
+        TypeError: Arguments of the wrong type, or that the constructor does not take.
+    """
     if not (
         isinstance(record, dict)
         and set(record) == {"name", "args"}
@@ -110,88 +321,19 @@ def build_object(record: Any, registry: Registry, allow_torch_losses: bool = Fal
         and isinstance(record["args"], dict)
     ):
         raise ValueError(
-            f'Malformed {registry.kind} record {record!r}: expected {{"name": str, "args": dict}}.'
+            f"malformed {registry.kind} record {short_repr(record)}: expected "
+            '{"name": str, "args": dict}.'
         )
-    name = record["name"]
-    if allow_torch_losses and name.startswith(_TORCH_LOSS_PREFIX):
-        classes = _torch_loss_classes()
-        short = name[len(_TORCH_LOSS_PREFIX) :]
-        if short not in classes:
-            raise ValueError(f"Unknown torch loss {short!r} in checkpoint.")
-        cls = classes[short]
-    else:
-        cls = registry.get(name)
-    return cls(**record["args"])
-
-
-def _library_roots() -> list[str]:
-    """Directories whose code a checkpoint may never make restore call."""
-    paths = sysconfig.get_paths()
-    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
-    roots.update(getattr(site, "getsitepackages", lambda: [])())
-    roots.add(site.getusersitepackages())
-    roots.add(os.path.dirname(os.__file__))
-    return [os.path.realpath(r) for r in roots if r]
-
-
-def _source_file(obj: Any) -> str | None:
+    name, args = record["name"], record["args"]
+    cls = _resolve_class(name, registry, allow_torch_losses)
     try:
-        source = inspect.getsourcefile(obj) or inspect.getfile(obj)
-    except TypeError:
-        return None
-    return os.path.realpath(source) if source else None
-
-
-def _is_user_code(obj: Any) -> bool:
-    source = _source_file(obj)
-    if source is None:
-        return False
-    parts = source.split(os.sep)
-    if "site-packages" in parts or "dist-packages" in parts:
-        return False
-    return not any(source.startswith(root + os.sep) for root in _library_roots())
-
-
-def resolve_factory(module_name: str, qualname: str) -> Callable[..., Any]:
-    """Find a recorded teacher factory among already-imported modules, refusing non-user code.
-
-    Raises:
-        ValueError: The module is not imported, the name is missing, or the object is not an
-            ``nn.Module`` subclass or plain function defined in user code.
-    """
-    fix = "Pass the teacher explicitly: restore(model, f, teacher_model=...)."
-    where = f"{module_name}:{qualname}"
-    if not isinstance(module_name, str) or not isinstance(qualname, str):
-        raise ValueError(f"Malformed teacher factory record {where!r}. {fix}")
-    if "<" in qualname:
-        raise ValueError(f"Teacher factory {where} is a lambda or local function. {fix}")
-    module = sys.modules.get(module_name)
-    if module is None:
-        raise ValueError(
-            f"The checkpoint names teacher factory {where}, but module {module_name!r} is not "
-            "imported in this process, and restore never imports modules. Import it before "
-            f"restoring, or: {fix}"
-        )
-    if module_name.split(".")[0] == "kdistill" and not module_name.startswith("kdistill.testing"):
-        raise ValueError(
-            f"Refusing to call kdistill's own function {where} from a checkpoint. {fix}"
-        )
-    obj: Any = module
-    for part in qualname.split("."):
-        # static lookups: never trigger a module's lazy __getattr__ (which could import code)
-        namespace = vars(obj) if isinstance(obj, types.ModuleType) else None
-        try:
-            obj = namespace[part] if namespace is not None else inspect.getattr_static(obj, part)
-        except (KeyError, AttributeError):
-            raise ValueError(
-                f"Teacher factory {where} does not exist in the imported module. {fix}"
-            ) from None
-    is_module_class = isinstance(obj, type) and issubclass(obj, nn.Module)
-    is_function = isinstance(obj, types.FunctionType)
-    if not (is_module_class or is_function) or not _is_user_code(obj):
-        raise ValueError(
-            f"Refusing to call {where} named by the checkpoint: restore only calls nn.Module "
-            "subclasses and plain functions defined in your own code (not the standard library, "
-            f"site-packages or builtins). {fix}"
-        )
-    return obj
+        if device is None:
+            return cls(**args)
+        with torch.device(device):
+            return cls(**args)
+    except (TypeError, ValueError, RuntimeError) as err:
+        kind = TypeError if isinstance(err, TypeError) else ValueError
+        raise kind(
+            f"{registry.kind} {name!r} cannot be built from its recorded arguments "
+            f"{short_repr(args)}: {err}"
+        ) from err

@@ -2,7 +2,9 @@
 
 Configs are plain dataclasses (torch is kdistill's only dependency). ``from_user`` turns what a user
 passes to ``convert`` (a dict or a config) into a validated config and reports every problem at
-once; ``to_json`` / ``from_json`` record it in a checkpoint without code or pickles.
+once (unknown keys, wrong types, balancer problems and unknown layer names together); ``to_json``
+records it in a checkpoint without code or pickles, and ``KDLossRecord`` reads such a record back
+from an untrusted file without building or calling anything.
 """
 
 import dataclasses
@@ -13,13 +15,37 @@ from typing import Any, TypeAlias
 from torch import nn
 
 from ._errors import unknown_name_message
-from ._serialization import build_object, check_json_value, describe_object, resolve_factory
+from ._serialization import (
+    build_object,
+    check_json_value,
+    describe_object,
+    factory_name,
+    lookup_safe_factory,
+    short_repr,
+)
 from .balancers import BALANCERS, DistillationLossBalancer
 from .losses._registry import LOSSES
 
-__all__ = ["ExportStudentConfig", "KDLossConfig", "LayerwiseKDConfig", "TeacherSpec"]
+__all__ = [
+    "ExportStudentConfig",
+    "KDLossConfig",
+    "KDLossRecord",
+    "LayerwiseKDConfig",
+    "TeacherSpec",
+    "malformed",
+]
 
 Criterion: TypeAlias = dict[tuple[str, str], nn.Module]
+
+_RESAVE = (
+    "The file was not written by kdistill.save, or was edited: re-save the model with "
+    "kdistill.save."
+)
+
+
+def malformed(what: str) -> ValueError:
+    """The error for a record that ``to_json`` cannot have written."""
+    return ValueError(f"malformed {what}. {_RESAVE}")
 
 
 class _ConfigErrors:
@@ -45,18 +71,26 @@ class _ConfigErrors:
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """How to obtain the teacher: an instance, or a factory called with ``args``/``kwargs``."""
+    """How to obtain the teacher, and how a checkpoint records it.
+
+    Exactly one of ``instance`` (used as is) or ``factory`` (called with ``args``/``kwargs``) is
+    set, except in the copy a converted model keeps for ``save`` (``recorded_only``), which holds
+    only ``record``: converted models then never keep the user's factory (a lambda or a local
+    function would make them unpicklable).
+    """
 
     instance: nn.Module | None = None
     factory: Callable[..., Any] | None = None
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    record: dict | None = None
 
     def build(self) -> nn.Module:
         """Return the instance, or call the factory; a non-module result raises ``TypeError``."""
         if self.instance is not None:
             return self.instance
-        assert self.factory is not None, "TeacherSpec holds neither an instance nor a factory"
+        if self.factory is None:
+            raise RuntimeError("This TeacherSpec only records a teacher; it cannot build one.")
         teacher = self.factory(*self.args, **self.kwargs)
         if not isinstance(teacher, nn.Module):
             raise TypeError(
@@ -66,47 +100,40 @@ class TeacherSpec:
         return teacher
 
     def to_json(self) -> dict:
-        """Record the factory by import path and JSON arguments (an instance by class name only)."""
+        """The checkpoint record; never raises.
+
+        A factory with a module-level name and JSON arguments is recorded by name
+        (``{"kind": "factory", "module", "qualname", "args", "kwargs"}``); an instance by its
+        class name; anything else (lambda, local function, partial, non-JSON arguments) as
+        ``{"kind": "unrecorded", "reason": ...}``: the teacher must then be passed at restore.
+        """
+        if self.record is not None:
+            return self.record
         if self.instance is not None:
             return {"kind": "instance", "class": type(self.instance).__qualname__}
-        assert self.factory is not None, "TeacherSpec holds neither an instance nor a factory"
+        name = factory_name(self.factory)
+        if name is None:
+            return {
+                "kind": "unrecorded",
+                "reason": f"the factory {self.factory!r} has no module-level name",
+            }
         try:
             args = check_json_value(list(self.args), "Teacher factory arguments")
             kwargs = check_json_value(dict(self.kwargs), "Teacher factory keyword arguments")
         except ValueError as err:
             return {"kind": "unrecorded", "reason": str(err)}
+        module, _, qualname = name.partition(":")
         return {
             "kind": "factory",
-            "module": self.factory.__module__,
-            "qualname": self.factory.__qualname__,
+            "module": module,
+            "qualname": qualname,
             "args": args,
             "kwargs": kwargs,
         }
 
-    @classmethod
-    def from_json(cls, record: Any) -> "TeacherSpec":
-        """Resolve a recorded factory under restore's safety rule (see ``resolve_factory``)."""
-        if not isinstance(record, dict) or "kind" not in record:
-            raise ValueError(f"Malformed teacher record {record!r}.")
-        if record["kind"] == "instance":
-            raise ValueError(
-                f"The teacher was an instance of {record.get('class')!r} when saved, so it cannot "
-                "be rebuilt from the checkpoint. Pass it: restore(model, f, teacher_model=teacher)."
-            )
-        if record["kind"] == "unrecorded":
-            raise ValueError(
-                "The teacher factory's arguments could not be saved "
-                f"({record.get('reason')}). Pass it: restore(model, f, teacher_model=...)."
-            )
-        args, kwargs = record.get("args", []), record.get("kwargs", {})
-        if (
-            record["kind"] != "factory"
-            or not isinstance(args, list)
-            or not isinstance(kwargs, dict)
-        ):
-            raise ValueError(f"Malformed teacher record {record!r}.")
-        factory = resolve_factory(record.get("module"), record.get("qualname"))
-        return cls(factory=factory, args=tuple(args), kwargs=dict(kwargs))
+    def recorded_only(self) -> "TeacherSpec":
+        """A spec holding only this one's checkpoint record."""
+        return TeacherSpec(record=self.to_json())
 
 
 def _callable_name(fn: Any) -> str:
@@ -147,16 +174,6 @@ def _parse_teacher(value: Any, errors: _ConfigErrors) -> TeacherSpec | None:
             TypeError,
             f"`teacher_model` must be an nn.Module, a class, a callable or a (fn, args, kwargs) "
             f"tuple, got {type(factory).__name__}.",
-        )
-        return None
-    qualname = getattr(factory, "__qualname__", "")
-    if getattr(factory, "__name__", "") == "<lambda>" or "<locals>" in qualname:
-        kind = "a lambda" if getattr(factory, "__name__", "") == "<lambda>" else "a local function"
-        errors.add(
-            ValueError,
-            f"`teacher_model` is {kind} ({qualname}). The teacher is rebuilt from this callable "
-            "when a checkpoint is restored, so it must be importable by name: define it at module "
-            "level, or pass an nn.Module instance.",
         )
         return None
     return TeacherSpec(factory=factory, args=tuple(args), kwargs=dict(kwargs))
@@ -230,33 +247,39 @@ def _check_balancer(balancer: Any, num_pairs: int | None, errors: _ConfigErrors)
         )
 
 
+def _check_layers(
+    student: nn.Module, teacher: nn.Module, criterion: Criterion, errors: _ConfigErrors
+) -> None:
+    """Add one problem per unknown layer name, saying which side, with close matches."""
+    student_names = [name for name, _ in student.named_modules()]
+    teacher_names = [name for name, _ in teacher.named_modules()]
+    known_student, known_teacher = set(student_names), set(teacher_names)
+    for s_name, t_name in criterion:
+        if s_name not in known_student:
+            errors.add(ValueError, unknown_name_message("student layer", s_name, student_names))
+        if t_name not in known_teacher:
+            errors.add(ValueError, unknown_name_message("teacher layer", t_name, teacher_names))
+
+
 @dataclass
 class KDLossConfig:
     """Config of the ``"kd_loss"`` mode (SPEC §1).
 
     Fields are validated by ``from_user``; the required ones (``teacher_model``, ``criterion``)
     default to ``None`` so that a missing one is reported by name.
+
+    Attributes:
+        teacher_model: An nn.Module, a class, any callable, or ``(fn, args, kwargs)``; after
+            ``from_user``, a ``TeacherSpec``.
+        criterion: A loss (output to output) or ``{(student_layer, teacher_layer): loss}``.
+        loss_balancer: A ``DistillationLossBalancer``, or ``None`` for a single loss pair.
+        expose_minimal_state_dict: Hide the teacher's weights from ``state_dict()``.
     """
 
-    teacher_model: Any = field(
-        default=None,
-        metadata={
-            "description": "nn.Module, class, zero-argument callable, or (fn, args, kwargs)."
-        },
-    )
-    criterion: Any = field(
-        default=None,
-        metadata={
-            "description": "A loss (output to output) or {(student_layer, teacher_layer): loss}."
-        },
-    )
-    loss_balancer: Any = field(
-        default=None,
-        metadata={"description": "A DistillationLossBalancer, or None for a single loss pair."},
-    )
-    expose_minimal_state_dict: bool = field(
-        default=True, metadata={"description": "Hide the teacher's weights from state_dict()."}
-    )
+    teacher_model: Any = None
+    criterion: Any = None
+    loss_balancer: Any = None
+    expose_minimal_state_dict: bool = True
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -264,8 +287,20 @@ class KDLossConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_user(cls, value: Any, mode: str) -> "KDLossConfig":
-        """Validate a dict or config instance, reporting every problem in one exception."""
+    def from_user(cls, value: Any, mode: str, student: nn.Module | None = None) -> "KDLossConfig":
+        """Validate a dict or config instance, reporting every problem in one exception.
+
+        Args:
+            value: The config given to ``convert``.
+            mode: The mode name (for messages).
+            student: When given, the teacher is built (its factory called) and the criterion's
+                layer names are checked against both models too; the returned config then holds
+                the built teacher.
+
+        Raises:
+            ValueError: Unknown keys or layer names, missing fields, bad balancer weights (all
+                problems together; ``TypeError`` when every problem is a wrong type).
+        """
         if isinstance(value, KDLossConfig):
             value = {name: getattr(value, name) for name in KDLossConfig.field_names()}
         if value is None:
@@ -291,6 +326,15 @@ class KDLossConfig:
                 TypeError,
                 f"`expose_minimal_state_dict` must be a bool, got {type(expose).__name__}.",
             )
+        if student is not None and teacher is not None and criterion:
+            built = teacher.build()  # an exception raised by the factory propagates as is
+            if built is student:
+                errors.add(
+                    ValueError, "`teacher_model` is the student itself; pass a separate module."
+                )
+            else:
+                _check_layers(student, built, criterion, errors)
+            teacher = TeacherSpec(instance=built, record=teacher.to_json())
         errors.raise_if_any(f"Invalid config for mode {mode!r}")
         return cls(
             teacher_model=teacher,
@@ -305,7 +349,12 @@ class KDLossConfig:
         return self.teacher_model
 
     def to_json(self) -> dict:
-        """A JSON-able record: teacher by reference, losses and balancer by registered name."""
+        """A JSON-able record: teacher by reference, losses and balancer by registered name.
+
+        Raises:
+            ValueError: A loss or balancer that is not registered (a checkpoint can only name
+                registered classes).
+        """
         return {
             "teacher_model": self.teacher_spec.to_json(),
             "criterion": [
@@ -321,46 +370,6 @@ class KDLossConfig:
             else describe_object(self.loss_balancer, BALANCERS),
             "expose_minimal_state_dict": self.expose_minimal_state_dict,
         }
-
-    @classmethod
-    def from_json(cls, record: Any, mode: str, teacher_model: Any = None) -> "KDLossConfig":
-        """Rebuild a config from ``to_json`` output; ``teacher_model`` overrides the record."""
-        expected = {"teacher_model", "criterion", "loss_balancer", "expose_minimal_state_dict"}
-        if not isinstance(record, dict) or set(record) != expected:
-            raise ValueError(f"Malformed {mode!r} config record: expected keys {sorted(expected)}.")
-        if not isinstance(record["criterion"], list):
-            raise ValueError(f"Malformed {mode!r} config record: `criterion` must be a list.")
-        criterion = {}
-        for item in record["criterion"]:
-            if not isinstance(item, dict) or set(item) != {
-                "student_layer",
-                "teacher_layer",
-                "loss",
-            }:
-                raise ValueError(f"Malformed criterion entry {item!r}.")
-            key = (item["student_layer"], item["teacher_layer"])
-            criterion[key] = build_object(item["loss"], LOSSES, allow_torch_losses=True)
-        balancer = (
-            None
-            if record["loss_balancer"] is None
-            else build_object(record["loss_balancer"], BALANCERS)
-        )
-        teacher = (
-            teacher_model
-            if teacher_model is not None
-            else TeacherSpec.from_json(record["teacher_model"])
-        )
-        if isinstance(teacher, TeacherSpec):
-            teacher = (teacher.factory, teacher.args, teacher.kwargs)
-        return cls.from_user(
-            {
-                "teacher_model": teacher,
-                "criterion": criterion,
-                "loss_balancer": balancer,
-                "expose_minimal_state_dict": record["expose_minimal_state_dict"],
-            },
-            mode,
-        )
 
 
 @dataclass
@@ -392,11 +401,144 @@ class ExportStudentConfig:
             f"Config of mode {mode!r} must be a dict or None, got {type(value).__name__}."
         )
 
-    def to_json(self) -> dict:
-        """No fields: an empty record."""
-        return {}
+
+_KD_KEYS = frozenset({"teacher_model", "criterion", "loss_balancer", "expose_minimal_state_dict"})
+_PAIR_KEYS = frozenset({"student_layer", "teacher_layer", "loss"})
+
+
+@dataclass(frozen=True)
+class KDLossRecord:
+    """A ``kd_loss`` / ``layerwise_kd`` config read back from a checkpoint: checked, not built.
+
+    ``parse`` checks the structure only (the record must already have passed
+    ``check_record``); nothing is built, imported or called until the caller asks:
+    ``build_losses`` (on the ``meta`` device first, to compare shapes), ``build_balancer`` and
+    ``allowed_teacher``.
+    """
+
+    mode: str
+    pairs: tuple[tuple[str, str, dict], ...]
+    balancer: dict | None
+    expose_minimal_state_dict: bool
+    teacher: dict
 
     @classmethod
-    def from_json(cls, record: Any, mode: str, teacher_model: Any = None) -> "ExportStudentConfig":
-        """Rebuild from an empty record."""
-        return cls.from_user(record, mode)
+    def parse(cls, record: Any, mode: str) -> "KDLossRecord":
+        """Check a ``KDLossConfig.to_json`` record's structure.
+
+        Raises:
+            ValueError: Any key, type or value that ``to_json`` cannot have written.
+        """
+        if not isinstance(record, dict) or set(record) != _KD_KEYS:
+            raise malformed(f"{mode!r} config record: expected the keys {sorted(_KD_KEYS)}")
+        items = record["criterion"]
+        if not isinstance(items, list) or not items:
+            raise malformed(f"{mode!r} config record: `criterion` must be a non-empty list")
+        pairs, seen = [], set()
+        for i, item in enumerate(items):
+            if not (
+                isinstance(item, dict)
+                and set(item) == _PAIR_KEYS
+                and isinstance(item["student_layer"], str)
+                and isinstance(item["teacher_layer"], str)
+                and isinstance(item["loss"], dict)
+            ):
+                raise malformed(f"criterion entry {i} ({short_repr(item)})")
+            key = (item["student_layer"], item["teacher_layer"])
+            if key in seen:
+                raise malformed(f"criterion: the pair {short_repr(key)} is listed twice")
+            seen.add(key)
+            pairs.append((*key, item["loss"]))
+        balancer = record["loss_balancer"]
+        if balancer is not None and not isinstance(balancer, dict):
+            raise malformed(f"`loss_balancer` record {short_repr(balancer)}")
+        if not isinstance(record["expose_minimal_state_dict"], bool):
+            raise malformed("`expose_minimal_state_dict` (expected a bool)")
+        teacher = record["teacher_model"]
+        _check_teacher_record(teacher)
+        return cls(mode, tuple(pairs), balancer, record["expose_minimal_state_dict"], teacher)
+
+    def build_losses(self, device: str | None = None) -> list[nn.Module]:
+        """Build each pair's loss by registered name (under ``torch.device(device)`` if given)."""
+        return [
+            build_object(loss, LOSSES, allow_torch_losses=True, device=device)
+            for _, _, loss in self.pairs
+        ]
+
+    def build_balancer(self) -> DistillationLossBalancer | None:
+        """Build the balancer by registered name (``None`` if there is none)."""
+        if self.balancer is None:
+            return None
+        return build_object(self.balancer, BALANCERS)  # type: ignore[return-value]
+
+    def allowed_teacher(self) -> tuple[TeacherSpec | None, str]:
+        """The recorded teacher factory if the user allowed it, else ``None`` and the reason."""
+        record = self.teacher
+        if record["kind"] == "instance":
+            return None, (
+                f"the teacher was an nn.Module instance ({short_repr(record['class'])}) when "
+                "saved, and checkpoints never hold the teacher"
+            )
+        if record["kind"] == "unrecorded":
+            return None, (
+                "the teacher could not be recorded by name when saved "
+                f"({short_repr(record['reason'])})"
+            )
+        name = f"{record['module']}:{record['qualname']}"
+        factory = lookup_safe_factory(name)
+        if factory is None:
+            return None, (
+                f"its teacher factory {short_repr(name)} is not in kdistill's allow-list "
+                "(restore calls no function that a file names unless you allowed it)"
+            )
+        return TeacherSpec(
+            factory=factory, args=tuple(record["args"]), kwargs=dict(record["kwargs"])
+        ), ""
+
+    @property
+    def factory_hint(self) -> str:
+        """How to allow the recorded factory, for messages (empty when there is none)."""
+        if self.teacher["kind"] != "factory":
+            return ""
+        return f"kdistill.add_safe_factories([{self.teacher['module']}.{self.teacher['qualname']}])"
+
+    def config(
+        self,
+        teacher: Any,
+        losses: list[nn.Module],
+        balancer: DistillationLossBalancer | None,
+    ) -> dict[str, Any]:
+        """The ``convert`` config with the given teacher and the built losses and balancer."""
+        return {
+            "teacher_model": teacher,
+            "criterion": {(s, t): loss for (s, t, _), loss in zip(self.pairs, losses, strict=True)},
+            "loss_balancer": balancer,
+            "expose_minimal_state_dict": self.expose_minimal_state_dict,
+        }
+
+
+_TEACHER_KINDS = {
+    "factory": {"kind", "module", "qualname", "args", "kwargs"},
+    "instance": {"kind", "class"},
+    "unrecorded": {"kind", "reason"},
+}
+
+
+def _check_teacher_record(record: Any) -> None:
+    kind = record.get("kind") if isinstance(record, dict) else None
+    kind = kind if isinstance(kind, str) else None
+    if (
+        not isinstance(kind, str)
+        or kind not in _TEACHER_KINDS
+        or set(record) != _TEACHER_KINDS[kind]
+    ):
+        raise malformed(f"teacher record {short_repr(record)}")
+    if kind == "factory" and not (
+        isinstance(record["module"], str)
+        and isinstance(record["qualname"], str)
+        and isinstance(record["args"], list)
+        and isinstance(record["kwargs"], dict)
+    ):
+        raise malformed(f"teacher factory record {short_repr(record)}")
+    if kind != "factory" and not isinstance(record.get("class", record.get("reason")), str):
+        raise malformed(f"teacher record {short_repr(record)}")

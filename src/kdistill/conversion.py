@@ -45,20 +45,23 @@ def convert(model: nn.Module, mode: Any) -> nn.Module:
     """Convert ``model`` for distillation, **in place**, and return the same object.
 
     The model's class becomes a generated subclass of both ``DistillationModel`` and its own
-    class, so ``isinstance(model, StudentCls)`` keeps holding. Every config is validated before
-    anything changes: a failed ``convert`` leaves the model exactly as it was.
+    class, so ``isinstance(model, StudentCls)`` keeps holding. Everything is validated before
+    anything changes (config keys, types, the balancer and the layer names of both models, all
+    reported in one error): a failed ``convert`` leaves the model exactly as it was (class,
+    weights, hooks, ``requires_grad`` and train/eval flags).
 
     Args:
         model: The student.
         mode: ``[("kd_loss", config)]`` (also ``("kd_loss", config)``, ``{"kd_loss": config}``,
             or a mode name alone when its config has only defaults). Modes: ``"kd_loss"``,
-            ``"layerwise_kd"``, ``"export_student"``.
+            ``"layerwise_kd"``, ``"export_student"``; one mode per call.
 
     Returns:
-        ``model``, now a ``DistillationModel``.
+        ``model``, now a ``DistillationModel`` (or, for ``"export_student"``, the plain student).
 
     Raises:
-        ValueError: Unknown mode / config key / layer name, missing field, bad weights.
+        ValueError: Unknown mode / config key / layer name, missing field, bad weights, or more
+            than one mode in one call.
         TypeError: A value of the wrong type (e.g. a criterion that is not an ``nn.Module``).
         RuntimeError: The model is already converted.
 
@@ -73,20 +76,34 @@ def convert(model: nn.Module, mode: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
     modes = normalize_modes(mode)
-    configs = [
-        (get_mode(name), get_mode(name).config_class.from_user(cfg, name)) for name, cfg in modes
-    ]
-    for descriptor, config in configs:
-        model = descriptor.apply(model, config)
+    names = [name for name, _ in modes]
+    if len(modes) > 1:
+        twice = sorted({name for name in names if names.count(name) > 1})
+        detail = f" ({twice} listed twice)" if twice else ""
+        raise ValueError(
+            f"`mode` lists {len(modes)} modes {names}{detail}, but convert applies one mode per "
+            "call and a model holds one distillation mode: give one, e.g. [('kd_loss', config)]."
+        )
+    ((name, raw),) = modes
+    descriptor = get_mode(name)
+    if descriptor.converts:
         if isinstance(model, DistillationModel):
-            model._kd_modes.append((descriptor.name, config))
-    return model
+            raise RuntimeError(
+                f"The model is already a DistillationModel ({type(model).__name__}); export it "
+                "with kdistill.export(model) before converting again."
+            )
+        config = descriptor.config_class.from_user(raw, name, student=model)
+    else:
+        config = descriptor.config_class.from_user(raw, name)
+    return descriptor.apply(model, config)
 
 
 def export(model: nn.Module) -> nn.Module:
     """Return the plain student: hooks, teacher, loss modules and temporary state removed.
 
     Works in place and returns the same object, now an instance of the student's own class.
+    The flags ``convert`` changed are restored: the teacher's ``requires_grad`` and train/eval
+    flags, and (``layerwise_kd``) the student parameters it froze.
 
     Raises:
         RuntimeError: ``model`` is not a DistillationModel.

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import save as _save_checkpoint
+from .checkpoint import checkpoint_dict, write_checkpoint
 from .model import TEACHER_KEY, DistillationModel
 
 __all__ = ["full_state_dict", "save", "unwrap", "wrap_ddp"]
@@ -129,11 +129,6 @@ def save(model: nn.Module, f: str | os.PathLike | IO[bytes], rank: int = 0) -> N
     state = full_state_dict(inner)
     current = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if current == rank:
-        # kdistill.save reads the weights through `state_dict`; hand it the gathered ones
-        inner.__dict__["state_dict"] = lambda *args, **kwargs: dict(state)
-        try:
-            _save_checkpoint(inner, f)
-        finally:
-            del inner.__dict__["state_dict"]
+        write_checkpoint(checkpoint_dict(inner, weights=state), f)
     if sharded:
         dist.barrier()  # nobody reads the file before it exists

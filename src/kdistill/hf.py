@@ -10,6 +10,7 @@ Install the extra: ``pip install "kdistill[hf]"``. This module is never imported
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 try:
@@ -26,9 +27,9 @@ from torch import Tensor, nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer
-from .conversion import convert
-from .llm import _SkippedLMHead, compute_causal_lm_loss
-from .losses.logits import LogitsDistillationLoss
+from .conversion import convert, export
+from .llm import compute_causal_lm_loss, is_causal_lm_recipe
+from .losses import LogitsDistillationLoss
 from .model import LOSS_MODULES_KEY, TEACHER_KEY, DistillationModel
 
 __all__ = ["IGNORE_INDEX", "KDTrainer", "default_criterion", "next_token_mask"]
@@ -77,22 +78,6 @@ def _shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     return shifted
 
 
-@contextlib.contextmanager
-def _as_plain_student(model: DistillationModel) -> Iterator[nn.Module]:
-    """Let ``model`` pose as its plain student class (teacher and loss modules hidden).
-
-    Used to save: the student's own ``save_pretrained`` then writes the student's weights and its
-    own class name in ``config.architectures``, so nothing from kdistill is needed to load it.
-    """
-    distillation_cls = type(model)
-    with model._hide_children(TEACHER_KEY, LOSS_MODULES_KEY):
-        model.__class__ = model._kd_student_cls
-        try:
-            yield model
-        finally:
-            model.__class__ = distillation_cls
-
-
 def _student_only(state_dict: dict[str, Any] | None) -> dict[str, Any] | None:
     """Drop teacher and loss-module entries from a full state dict (FSDP / DeepSpeed saves)."""
     if state_dict is None:
@@ -101,19 +86,12 @@ def _student_only(state_dict: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
 
 
-def _is_causal_lm_recipe(model: Any) -> bool:
-    """Whether ``model`` comes from ``kdistill.llm.convert_causal_lm`` (lm_heads skipped)."""
-    return isinstance(model, DistillationModel) and any(
-        isinstance(module, _SkippedLMHead) for module in model.modules()
-    )
-
-
 def _check_label_alignment(model: Any, criterion: Any) -> None:
     """Refuse losses that shift labels themselves: KDTrainer passes them aligned already."""
-    if _is_causal_lm_recipe(model):
+    if is_causal_lm_recipe(model):
         return  # the recipe's loss gets the model's labels and shifts them itself
     if isinstance(model, DistillationModel):
-        losses = [pair.loss for pair in model._kd_pairs]
+        losses = [pair.loss for pair in model.kd_pairs]
     else:
         losses = list(criterion.values()) if isinstance(criterion, Mapping) else [criterion]
     shifting = [type(loss).__name__ for loss in losses if getattr(loss, "shift_labels", False)]
@@ -125,10 +103,8 @@ def _check_label_alignment(model: Any, criterion: Any) -> None:
         )
 
 
-def _distillation_model(
-    model: Any, teacher_model: Any, criterion: Any, loss_balancer: Any
-) -> DistillationModel:
-    """Convert ``model`` (or accept an already converted one) and align the teacher with it."""
+def _check_model(model: Any, teacher_model: Any, criterion: Any, loss_balancer: Any) -> None:
+    """Refuse a converted model with KD arguments, a non-module, and a missing teacher."""
     if isinstance(model, DistillationModel):
         given = [
             name
@@ -152,35 +128,35 @@ def _distillation_model(
         )
     elif teacher_model is None:
         raise ValueError(
-            "KDTrainer needs `teacher_model`: an nn.Module, or a class / importable factory that "
-            "builds it."
+            "KDTrainer needs `teacher_model`: an nn.Module, or a class / factory that builds it."
         )
-    else:
-        model = convert(
-            model,
-            mode=[
-                (
-                    "kd_loss",
-                    {
-                        "teacher_model": teacher_model,
-                        "criterion": default_criterion() if criterion is None else criterion,
-                        "loss_balancer": loss_balancer,
-                    },
-                )
-            ],
-        )
-    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if reference is not None:
-        # the teacher follows the student's device and dtype; Trainer moves both later
-        model.teacher_model.to(device=reference.device, dtype=reference.dtype)
-    return model
+
+
+@dataclass
+class _KDTerms:
+    """One micro-batch's loss terms, before Trainer's scaling."""
+
+    kd: dict[str, Tensor]  # f"{LossClass}_{i}" -> KD term
+    student_loss: Tensor | None  # the student's own loss (cross-entropy), if computed
+    outputs: Any  # the student's outputs
+    loss_kwargs: dict[str, Any]  # what the losses received (mask, labels, num_items_in_batch)
+    logits_shape: torch.Size  # [B, T, V] of the outputs' logits (empty if none)
 
 
 class KDTrainer(transformers.Trainer):
     """A ``transformers.Trainer`` that distills ``teacher_model`` into ``model`` (the student).
 
-    The student is converted in place with ``kdistill.convert`` (mode ``"kd_loss"``). Each step
-    runs the teacher (frozen, eval mode, no grad) and the student on the batch, then computes:
+    The student you pass stays yours: ``train``, ``evaluate`` and ``predict`` convert it in place
+    with ``kdistill.convert`` (mode ``"kd_loss"``) when they start and export it again when they
+    return or raise, so outside these calls ``model`` (and ``trainer.model``, the same object) is
+    the plain student, trained: its class, its parameters only (no teacher), ready for
+    ``generate`` or ``save_pretrained``. The configuration is checked, and a teacher factory
+    called, once, in ``__init__``; the optimizer and its state carry over between ``train``
+    calls (the student's parameters are the same objects). A model you converted yourself
+    (or one from ``kdistill.llm.convert_causal_lm``) is used as is and stays converted.
+
+    Each step runs the teacher (frozen, eval mode, no grad) and the student on the batch, then
+    computes:
 
     - the KD terms ``{f"{LossClass}_{i}": value}`` of the criterion pairs, for causal LMs on the
       positions whose next-token label is not ``-100`` (``next_token_mask``; without labels, on
@@ -273,27 +249,89 @@ class KDTrainer(transformers.Trainer):
                 f"(got {args.label_smoothing_factor}): the student's loss comes from the model. "
                 "Set it to 0; distillation already softens the targets."
             )
+        _check_model(model, teacher_model, criterion, loss_balancer)
         _check_label_alignment(model, criterion)
-        model = _distillation_model(model, teacher_model, criterion, loss_balancer)
+        self._kd_config: dict[str, Any] | None = None  # None: the user's converted model
+        if not isinstance(model, DistillationModel):
+            config = {
+                "teacher_model": teacher_model,
+                "criterion": default_criterion() if criterion is None else criterion,
+                "loss_balancer": loss_balancer,
+            }
+            # check everything (and build the teacher once) now; convert again in train()
+            converted = convert(model, mode=[("kd_loss", config)])
+            config["teacher_model"] = converted.teacher_model
+            export(converted)
+            self._kd_config = config
         super().__init__(model=model, args=args, **trainer_kwargs)
+        student_cls = model.original_cls if isinstance(model, DistillationModel) else type(model)
         # Causal LMs predict labels[t + 1] at position t. Trainer infers this from `loss_type`,
         # which some models (e.g. GPT-2) leave unset; the class name is the reliable signal.
         self._kd_shift_labels = not self._is_encoder_decoder() and (
             getattr(self, "_loss_shifts_labels", False)
-            or model._kd_student_cls.__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+            or student_cls.__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         )
         self._loss_shifts_labels = self._kd_shift_labels  # so Trainer counts tokens the same way
-        self._kd_recipe = _is_causal_lm_recipe(model)
+        self._kd_recipe = is_causal_lm_recipe(model)
         self._kd_train_sums: dict[str, Tensor] = {}
         self._kd_eval_sums: dict[str, Tensor] = {}
         self._kd_eval_count = 0
         self._kd_last_logged_step = 0
 
+    # ------------------------------------------------------------------ converting around calls
+    @contextlib.contextmanager
+    def distilling(self) -> Iterator[DistillationModel]:
+        """Within the context, the student is converted (what ``train`` etc. do around the call).
+
+        For calling ``compute_loss`` or ``training_step`` yourself; re-entrant. The student is
+        exported again on exit, also on an exception.
+
+        Yields:
+            The converted student (``self.model``).
+        """
+        if self._kd_config is None or isinstance(self.model, DistillationModel):
+            self.distillation_model.align_teacher_()
+            yield self.distillation_model  # the user's converted model, or a nested call
+            return
+        model = convert(self.model, mode=[("kd_loss", self._kd_config)])
+        model.align_teacher_()
+        try:
+            yield model
+        finally:
+            export(model)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train`` with the student converted for the call (see the class docstring)."""
+        with self.distilling():
+            return super().train(*args, **kwargs)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate`` with the student converted for the call (KD terms reported)."""
+        with self.distilling():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.predict`` with the student converted for the call."""
+        with self.distilling():
+            return super().predict(*args, **kwargs)
+
     # ------------------------------------------------------------------ loss
     @property
     def distillation_model(self) -> DistillationModel:
-        """The converted student (unwrapped from DDP / compile wrappers)."""
-        return self.model  # Trainer keeps the core model here, whatever wraps it
+        """The converted student (unwrapped from DDP / compile wrappers).
+
+        It exists only inside ``train``, ``evaluate`` and ``predict``, unless you passed a
+        converted model.
+
+        Raises:
+            RuntimeError: The student is not converted at the moment.
+        """
+        model = self.model  # Trainer keeps the core model here, whatever wraps it
+        if not isinstance(model, DistillationModel):
+            raise RuntimeError(
+                "The student is converted only during train(), evaluate() and predict()."
+            )
+        return model
 
     def _kd_loss_kwargs(
         self,
@@ -321,13 +359,87 @@ class KDTrainer(transformers.Trainer):
             candidates["labels"] = labels
         if "mask" in candidates and tuple(candidates["mask"].shape) != tuple(logits_shape[:-1]):
             del candidates["mask"]  # not a token-level output (e.g. sequence classification)
-        accepted: dict[str, Any] = {}
-        for pair in self.distillation_model._kd_pairs:
-            accepted.update(pair.kwargs_for(candidates))
-        return accepted
+        return self.distillation_model.accepted_loss_kwargs(candidates)
 
     def _is_encoder_decoder(self) -> bool:
         return bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
+
+    def _kd_terms(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None
+    ) -> _KDTerms:
+        """Run teacher and student on the batch and compute the unscaled loss terms."""
+        forward_inputs = dict(inputs)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            forward_inputs["num_items_in_batch"] = num_items_in_batch
+        if self._kd_recipe:
+            # lm_heads skipped: the outputs' `logits` are hidden states, so the model must not
+            # compute its own loss; the recipe's loss gives KD and CE from the same chunks
+            labels = forward_inputs.pop("labels", None)
+            outputs = model(**forward_inputs)
+            mask = inputs.get("attention_mask") if labels is None else None
+            loss_kwargs = (
+                {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            )
+            kd_terms = compute_causal_lm_loss(
+                self.distillation_model,
+                labels,
+                mask=None if mask is None else mask.to(torch.bool),
+                skip_balancer=True,
+                **loss_kwargs,
+            )
+            student_loss = kd_terms.pop(STUDENT_LOSS_KEY, None)
+            return _KDTerms(kd_terms, student_loss, outputs, loss_kwargs, torch.Size())
+        outputs = model(**forward_inputs)
+        has_labels = inputs.get("labels") is not None
+        student_loss = outputs.get("loss") if has_labels and isinstance(outputs, dict) else None
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        logits_shape = logits.shape if isinstance(logits, Tensor) else torch.Size()
+        loss_kwargs = self._kd_loss_kwargs(inputs, logits_shape, num_items_in_batch)
+        kd_terms = self.distillation_model.compute_kd_loss(skip_balancer=True, **loss_kwargs)
+        return _KDTerms(kd_terms, student_loss, outputs, loss_kwargs, logits_shape)
+
+    def _scale_for_trainer(
+        self, terms: _KDTerms, training: bool, num_items_in_batch: Tensor | int | None
+    ) -> float:
+        """Scale every term in place the way Trainer expects its loss; return the log scale.
+
+        Given ``num_items_in_batch`` (the token count of the whole optimizer step, all ranks with
+        ``average_tokens_across_devices``), Trainer takes the loss as already scaled for gradient
+        accumulation, as Hugging Face's cross-entropy is: summed terms are divided by that count
+        (times the world size, since DDP averages gradients), per-micro-batch means by the
+        accumulation steps. Without it, Trainer divides the loss by the accumulation steps
+        itself: terms stay micro-batch means.
+        """
+        accumulation = 1
+        if training:  # set by Trainer.train; the last step of an epoch may be shorter
+            accumulation = getattr(
+                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+            )
+        world = 1
+        if num_items_in_batch is not None:
+            if self.args.average_tokens_across_devices:
+                world = self.accelerator.num_processes // self.get_tp_size()
+            token_divisor = num_items_in_batch / world
+            mean_divisor = accumulation
+        else:
+            if "mask" in terms.loss_kwargs:
+                token_divisor = terms.loss_kwargs["mask"].sum().clamp(min=1)
+            else:
+                token_divisor = max(terms.logits_shape[:-1].numel(), 1)
+            mean_divisor = 1
+        pairs = self.distillation_model.kd_pairs
+        for (name, term), pair in zip(terms.kd.items(), pairs, strict=True):
+            if "num_items_in_batch" in pair.kwargs_for(terms.loss_kwargs):
+                terms.kd[name] = term * world  # the loss divided by num_items_in_batch itself
+            elif getattr(pair.loss, "reduction", None) == "sum":
+                terms.kd[name] = term / token_divisor
+            else:
+                terms.kd[name] = term / mean_divisor
+        if terms.student_loss is not None and num_items_in_batch is not None:
+            terms.student_loss = terms.student_loss * world  # HF's loss: sum / num_items_in_batch
+        # log per optimizer step: Trainer divides the unscaled losses by the accumulation steps
+        already_scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        return 1 if already_scaled else 1 / accumulation
 
     def compute_loss(
         self,
@@ -347,87 +459,21 @@ class KDTrainer(transformers.Trainer):
         Returns:
             The loss, already scaled for gradient accumulation (and ``(loss, outputs)``).
         """
-        distillation_model = self.distillation_model
-        forward_inputs = dict(inputs)
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            forward_inputs["num_items_in_batch"] = num_items_in_batch
-        if self._kd_recipe:
-            # lm_heads skipped: the outputs' `logits` are hidden states, so the model must not
-            # compute its own loss; the recipe's loss gives KD and CE from the same chunks
-            labels = forward_inputs.pop("labels", None)
-            outputs = model(**forward_inputs)
-            mask = inputs.get("attention_mask") if labels is None else None
-            loss_kwargs = (
-                {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-            )
-            kd_terms = compute_causal_lm_loss(
-                distillation_model,
-                labels,
-                mask=None if mask is None else mask.to(torch.bool),
-                skip_balancer=True,
-                **loss_kwargs,
-            )
-            student_loss = kd_terms.pop(STUDENT_LOSS_KEY, None)
-            logits_shape = torch.Size()
-        else:
-            outputs = model(**forward_inputs)
-            has_labels = inputs.get("labels") is not None
-            student_loss = outputs.get("loss") if has_labels and isinstance(outputs, dict) else None
-            logits = outputs.get("logits") if isinstance(outputs, dict) else None
-            logits_shape = logits.shape if isinstance(logits, Tensor) else torch.Size()
-            loss_kwargs = self._kd_loss_kwargs(inputs, logits_shape, num_items_in_batch)
-            kd_terms = distillation_model.compute_kd_loss(skip_balancer=True, **loss_kwargs)
-
-        # Scale every term the way Trainer expects its loss. Given `num_items_in_batch` (the
-        # token count of the whole optimizer step, all ranks with average_tokens_across_devices),
-        # Trainer takes the loss as already scaled for gradient accumulation, as Hugging Face's
-        # cross-entropy is: summed terms are divided by that count (times the world size, since
-        # DDP averages gradients), per-micro-batch means by the accumulation steps. Without it,
-        # Trainer divides the loss by the accumulation steps itself: terms stay micro-batch means.
-        accumulation = 1
-        if model.training:  # set by Trainer.train; the last step of an epoch may be shorter
-            accumulation = getattr(
-                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
-            )
-        world = 1
-        if num_items_in_batch is not None:
-            if self.args.average_tokens_across_devices:
-                world = self.accelerator.num_processes // self.get_tp_size()
-            token_divisor = num_items_in_batch / world
-            mean_divisor = accumulation
-        else:
-            if "mask" in loss_kwargs:
-                token_divisor = loss_kwargs["mask"].sum().clamp(min=1)
-            else:
-                token_divisor = max(logits_shape[:-1].numel(), 1)
-            mean_divisor = 1
-        for (name, term), pair in zip(kd_terms.items(), distillation_model._kd_pairs, strict=True):
-            if "num_items_in_batch" in pair.kwargs_for(loss_kwargs):
-                kd_terms[name] = term * world  # the loss divided by num_items_in_batch itself
-            elif getattr(pair.loss, "reduction", None) == "sum":
-                kd_terms[name] = term / token_divisor
-            else:
-                kd_terms[name] = term / mean_divisor
-        if student_loss is not None and num_items_in_batch is not None:
-            student_loss = student_loss * world  # HF's loss is a sum / num_items_in_batch
-
-        balancer = distillation_model.loss_balancer
+        terms = self._kd_terms(model, inputs, num_items_in_batch)
+        log_scale = self._scale_for_trainer(terms, model.training, num_items_in_batch)
+        balancer = self.distillation_model.loss_balancer
         if balancer is None:
-            loss = sum(kd_terms.values())
+            loss = sum(terms.kd.values())
         else:
-            loss_dict = dict(kd_terms)
-            if student_loss is not None:
-                loss_dict = {STUDENT_LOSS_KEY: student_loss, **kd_terms}
+            loss_dict = dict(terms.kd)
+            if terms.student_loss is not None:
+                loss_dict = {STUDENT_LOSS_KEY: terms.student_loss, **terms.kd}
             loss = balancer(loss_dict)
-
-        components = {"kd_loss": sum(kd_terms.values()), **kd_terms}
-        if student_loss is not None:
-            components["ce_loss"] = student_loss
-        # log per optimizer step: Trainer divides the unscaled losses by the accumulation steps
-        already_scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        log_scale = 1 if already_scaled else 1 / accumulation
+        components = {"kd_loss": sum(terms.kd.values()), **terms.kd}
+        if terms.student_loss is not None:
+            components["ce_loss"] = terms.student_loss
         self._record(components, model.training, inputs, log_scale)
-        return (loss, outputs) if return_outputs else loss
+        return (loss, terms.outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ logging
     def _record(
@@ -488,10 +534,16 @@ class KDTrainer(transformers.Trainer):
     # ------------------------------------------------------------------ optimizer and saving
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """Build the optimizer over the student (and loss-module) parameters only."""
-        with self.distillation_model.hide_teacher_model():
+        model = self.model
+        hide = model.hide_teacher_model() if isinstance(model, DistillationModel) else None
+        with hide or contextlib.nullcontext():
             return super().create_optimizer(*args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the student alone, as an instance of its own class (no teacher, no kdistill)."""
-        with _as_plain_student(self.distillation_model):
+        model = self.model
+        if not isinstance(model, DistillationModel):
+            super()._save(output_dir, state_dict=state_dict)
+            return
+        with model.as_student():
             super()._save(output_dir, state_dict=_student_only(state_dict))

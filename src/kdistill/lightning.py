@@ -1,10 +1,11 @@
 """Lightning integration: ``distill`` turns a ``LightningModule`` into a ``KDModule``.
 
-``distill(module, student="net", teacher_model=..., criterion=...)`` converts the student network
-``module.net`` with ``kdistill.convert`` (so calling it also runs the frozen teacher) and, like
+``distill(module, student="net", teacher_model=..., criterion=...)`` checks the KD config and, like
 ``convert`` does for models, swaps the module's class for a generated subclass of ``KDModule`` and
-the module's own class. Every hook of the module keeps working; ``training_step`` then returns
-the balanced KD loss and logs each component with ``self.log``.
+the module's own class. Every hook of the module keeps working. While ``Trainer.fit`` runs, the
+student network ``module.net`` is converted with ``kdistill.convert`` (so calling it also runs the
+frozen teacher) and ``training_step`` returns the balanced KD loss, logging each component with
+``self.log``; when ``fit`` returns or raises, ``module.net`` is the plain, trained student again.
 
 Install the extra: ``pip install "kdistill[lightning]"``. This module is never imported by
 ``kdistill``.
@@ -22,10 +23,11 @@ except ModuleNotFoundError as err:  # only a missing lightning, never a bug insi
         'kdistill.lightning needs lightning: pip install "kdistill[lightning]"'
     ) from err
 
-from torch import Tensor
+from torch import Tensor, nn
 
+from ._dynamic import SubclassFactory
 from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer
-from .conversion import convert
+from .conversion import convert, export
 from .model import LOSS_MODULES_KEY, TEACHER_KEY, DistillationModel
 
 __all__ = ["KDModule", "distill"]
@@ -36,6 +38,9 @@ _EVAL_STEPS = ("validation_step", "test_step", "predict_step")
 class KDModule(L.LightningModule):
     """Mixin of LightningModules converted by ``distill`` (never built directly).
 
+    - During ``Trainer.fit`` (from its ``setup`` until it returns or raises) the student
+      submodule is a ``DistillationModel``; before and after, it is the plain student (trained),
+      and ``trainer.validate`` / ``test`` / ``predict`` run it alone.
     - ``training_step`` runs the module's own step (whose call of the student also runs the
       teacher), takes the loss it returns (a tensor, or the ``"loss"`` of a dict) as the student
       loss, and returns ``loss_balancer({"student_loss": loss, **kd_terms})``, or the KD loss
@@ -44,13 +49,14 @@ class KDModule(L.LightningModule):
     - ``validation_step`` / ``test_step`` / ``predict_step`` (when the module defines them) run
       the student alone: the teacher costs nothing outside training.
     - ``configure_optimizers`` sees the module without the teacher, so ``self.parameters()``
-      there never includes it.
-    - Checkpoints hold no teacher weights (``state_dict`` omits them) and load back both into
-      the distilled module and into the plain module class (``MyModule.load_from_checkpoint``).
+      there never includes it; the optimizer state carries over between ``fit`` calls.
+    - Checkpoints hold no teacher weights and load back both into the distilled module and into
+      the plain module class (``MyModule.load_from_checkpoint``).
     """
 
+    original_cls: type[L.LightningModule]
     _kd_student_name: str
-    _kd_module_cls: type[L.LightningModule]
+    _kd_config: dict[str, Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(
@@ -59,9 +65,34 @@ class KDModule(L.LightningModule):
         )
 
     @property
-    def kd_student(self) -> DistillationModel:
-        """The converted student network (holding the teacher and the KD losses)."""
+    def kd_student(self) -> nn.Module:
+        """The student network: a ``DistillationModel`` during ``fit``, else the plain student."""
         return self.get_submodule(self._kd_student_name)
+
+    def _distilled_student(self) -> DistillationModel:
+        student = self.kd_student
+        if not isinstance(student, DistillationModel):
+            raise RuntimeError(
+                f"The student {self._kd_student_name!r} is distilled only while Trainer.fit runs."
+            )
+        return student
+
+    def convert_student_(self) -> None:
+        """Convert the student for distillation (``fit`` does this in its ``setup``)."""
+        if not isinstance(self.kd_student, DistillationModel):
+            student = convert(self.kd_student, mode=[("kd_loss", self._kd_config)])
+            student.align_teacher_()
+
+    def export_student_(self) -> None:
+        """Give the plain student back (``fit`` does this when it returns or raises)."""
+        if isinstance(self.kd_student, DistillationModel):
+            export(self.kd_student)
+
+    def configure_callbacks(self) -> Any:
+        """The module's own callbacks, plus the one that distills during ``fit`` only."""
+        own = super().configure_callbacks()
+        own = [own] if isinstance(own, L.Callback) else list(own or [])
+        return [*own, _DistillDuringFit()]
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """The module's own step, with its loss replaced by the balanced KD loss."""
@@ -69,10 +100,10 @@ class KDModule(L.LightningModule):
         student_loss = output.get("loss") if isinstance(output, Mapping) else output
         if student_loss is not None and not isinstance(student_loss, Tensor):
             raise TypeError(
-                f"{self._kd_module_cls.__name__}.training_step must return a loss tensor, a dict "
+                f"{self.original_cls.__name__}.training_step must return a loss tensor, a dict "
                 f"with 'loss', or None; got {type(output).__name__}."
             )
-        student = self.kd_student
+        student = self._distilled_student()
         kd_terms = student.compute_kd_loss(skip_balancer=True)
         balancer = student.loss_balancer
         if balancer is None:
@@ -91,27 +122,98 @@ class KDModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """The module's optimizers, built while the teacher is hidden from ``parameters()``."""
-        with self.kd_student.hide_teacher_model():
+        student = self.kd_student
+        if not isinstance(student, DistillationModel):
             return super().configure_optimizers()
+        with student.hide_teacher_model():
+            return super().configure_optimizers()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The module's state; outside ``fit`` too, with the entries ``fit``'s checkpoints hold.
+
+        Loss modules with parameters (``<student>._loss_modules.*``) and, when
+        ``expose_minimal_state_dict`` is False, the teacher, so checkpoints saved during and
+        after ``fit`` have the same keys.
+        """
+        state = super().state_dict(*args, **kwargs)
+        if isinstance(self.kd_student, DistillationModel) or args:
+            return state
+        prefix = kwargs.get("prefix", "") + (
+            f"{self._kd_student_name}." if self._kd_student_name else ""
+        )
+        keep_vars = kwargs.get("keep_vars", False)
+        losses = _losses_with_parameters(self._kd_config)
+        if losses:
+            state.update(
+                nn.ModuleList(losses).state_dict(
+                    prefix=f"{prefix}{LOSS_MODULES_KEY}.", keep_vars=keep_vars
+                )
+            )
+        if not self._kd_config["expose_minimal_state_dict"]:
+            state.update(
+                self._kd_config["teacher_model"].state_dict(
+                    prefix=f"{prefix}{TEACHER_KEY}.", keep_vars=keep_vars
+                )
+            )
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
         """Load a checkpoint with or without teacher / loss-module entries."""
         prefix = f"{self._kd_student_name}." if self._kd_student_name else ""
-        has_teacher = any(k.startswith(f"{prefix}{TEACHER_KEY}.") for k in state_dict)
-        has_losses = any(k.startswith(f"{prefix}{LOSS_MODULES_KEY}.") for k in state_dict)
+        teacher_prefix, loss_prefix = f"{prefix}{TEACHER_KEY}.", f"{prefix}{LOSS_MODULES_KEY}."
         student = self.kd_student
-        with (
-            student.hide_teacher_model(enable=not has_teacher),
-            student.hide_loss_modules(enable=not has_losses),
-        ):
-            return super().load_state_dict(state_dict, *args, **kwargs)
+        if isinstance(student, DistillationModel):
+            has_teacher = any(k.startswith(teacher_prefix) for k in state_dict)
+            has_losses = any(k.startswith(loss_prefix) for k in state_dict)
+            with (
+                student.hide_teacher_model(enable=not has_teacher),
+                student.hide_loss_modules(enable=not has_losses),
+            ):
+                return super().load_state_dict(state_dict, *args, **kwargs)
+        # outside fit: teacher and loss-module entries go to the objects kept for the next fit
+        teacher_state = _strip(state_dict, teacher_prefix)
+        if teacher_state:
+            self._kd_config["teacher_model"].load_state_dict(teacher_state)
+        loss_state = _strip(state_dict, loss_prefix)
+        if loss_state:
+            nn.ModuleList(_losses_with_parameters(self._kd_config)).load_state_dict(loss_state)
+        own = {
+            k: v for k, v in state_dict.items() if not k.startswith((teacher_prefix, loss_prefix))
+        }
+        return super().load_state_dict(own, *args, **kwargs)
 
     def __reduce_ex__(self, protocol: Any) -> tuple:
         # the generated class cannot be found by name: rebuild it from the module's class
-        return (_new_instance, (self._kd_module_cls,), self.__dict__.copy())
+        return _CLASSES.reduce_instance(self)
 
 
-_CLASS_CACHE: dict[type[L.LightningModule], type[KDModule]] = {}
+class _DistillDuringFit(L.Callback):
+    """Converts the student when ``fit`` sets up, and exports it when ``fit`` ends or fails."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and isinstance(pl_module, KDModule):
+            pl_module.convert_student_()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(pl_module, KDModule):
+            pl_module.export_student_()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(pl_module, KDModule):
+            pl_module.export_student_()
+
+
+def _strip(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _losses_with_parameters(config: Mapping[str, Any]) -> list[nn.Module]:
+    """The losses ``convert`` registers as ``_loss_modules``, in the same order."""
+    criterion = config["criterion"]
+    losses = criterion.values() if isinstance(criterion, Mapping) else [criterion]
+    return [loss for loss in losses if any(True for _ in loss.parameters())]
 
 
 def _student_only(name: str, module_cls: type) -> Callable:
@@ -119,7 +221,10 @@ def _student_only(name: str, module_cls: type) -> Callable:
     original = getattr(module_cls, name)
 
     def step(self: KDModule, *args: Any, **kwargs: Any) -> Any:
-        with self.kd_student.only_student_forward():
+        student = self.kd_student
+        if not isinstance(student, DistillationModel):
+            return original(self, *args, **kwargs)
+        with student.only_student_forward():
             return original(self, *args, **kwargs)
 
     step.__name__ = step.__qualname__ = name
@@ -127,26 +232,22 @@ def _student_only(name: str, module_cls: type) -> Callable:
     return step
 
 
-def _kd_class(module_cls: type[L.LightningModule]) -> type[KDModule]:
-    """The generated subclass of ``(KDModule, module_cls)``, created once per class."""
-    if module_cls not in _CLASS_CACHE:
-        namespace: dict[str, Any] = {
-            "_kd_module_cls": module_cls,
-            "__module__": KDModule.__module__,
-            "__doc__": f"{module_cls.__name__} distilled by kdistill (see KDModule).",
-        }
-        for name in _EVAL_STEPS:  # only the steps the module defines: Lightning checks which
-            if getattr(module_cls, name) is not getattr(L.LightningModule, name):
-                namespace[name] = _student_only(name, module_cls)
-        _CLASS_CACHE[module_cls] = type(
-            f"KD{module_cls.__name__}", (KDModule, module_cls), namespace
-        )
-    return _CLASS_CACHE[module_cls]
+def _namespace(module_cls: type) -> dict[str, Any]:
+    namespace: dict[str, Any] = {
+        "__doc__": f"{module_cls.__name__} distilled by kdistill (see KDModule).",
+    }
+    for name in _EVAL_STEPS:  # only the steps the module defines: Lightning checks which
+        if getattr(module_cls, name) is not getattr(L.LightningModule, name):
+            namespace[name] = _student_only(name, module_cls)
+    return namespace
 
 
-def _new_instance(module_cls: type[L.LightningModule]) -> KDModule:
-    """Unpickling helper: an empty instance of ``module_cls``'s generated class."""
-    return object.__new__(_kd_class(module_cls))
+_CLASSES = SubclassFactory(
+    KDModule,
+    _namespace,
+    name=lambda cls: f"KD{cls.__name__}",
+    qualname=lambda cls: f"KD{cls.__qualname__}",
+)
 
 
 def distill(
@@ -160,14 +261,17 @@ def distill(
 ) -> KDModule:
     """Make ``module`` train its submodule ``student`` by distillation, **in place**.
 
-    The submodule is converted with ``kdistill.convert`` (mode ``"kd_loss"``) and the module
-    becomes a ``KDModule`` (``isinstance(module, type_before)`` still holds); see ``KDModule``
-    for what changes. ``module.training_step`` must call the student once per step.
+    The config is checked (and a teacher factory called) now, and the module becomes a
+    ``KDModule`` (``isinstance(module, type_before)`` still holds). The student is converted
+    with ``kdistill.convert`` (mode ``"kd_loss"``) only while ``Trainer.fit`` runs: before and
+    after ``fit`` (also when it raises), ``module.<student>`` is the plain student, trained, and
+    ``module.parameters()`` holds no teacher. See ``KDModule`` for what changes during ``fit``.
+    ``module.training_step`` must call the student once per step.
 
     Args:
         module: A LightningModule with automatic optimization.
         student: Dotted name of the student network inside ``module`` (e.g. ``"net"``).
-        teacher_model: The teacher: an ``nn.Module``, a class or an importable factory.
+        teacher_model: The teacher: an ``nn.Module``, a class or any callable that builds it.
         criterion: A loss or ``{(student_layer, teacher_layer): loss}`` (layer names inside the
             student and the teacher).
         loss_balancer: Combines ``training_step``'s loss with the KD losses; ``None`` trains on
@@ -175,7 +279,7 @@ def distill(
         expose_minimal_state_dict: Leave the teacher out of checkpoints (default).
 
     Returns:
-        ``module``, now a ``KDModule``.
+        ``module`` itself, now a ``KDModule``.
 
     Raises:
         TypeError: ``module`` is not a LightningModule.
@@ -197,6 +301,8 @@ def distill(
         ...                  criterion=mtd.LogitsDistillationLoss(temperature=2.0),
         ...                  loss_balancer=mtd.StaticLossBalancer(kd_loss_weight=0.5))
         >>> isinstance(module, KDModule) and isinstance(module, Classifier)
+        True
+        >>> type(module.net) is torch.nn.Linear  # converted only while Trainer.fit runs
         True
     """
     if not isinstance(module, L.LightningModule):
@@ -225,7 +331,11 @@ def distill(
         "loss_balancer": loss_balancer,
         "expose_minimal_state_dict": expose_minimal_state_dict,
     }
-    convert(module.get_submodule(student), mode=[("kd_loss", config)])
-    module.__class__ = _kd_class(type(module))
+    # check everything (and build the teacher once) now; fit converts again
+    converted = convert(module.get_submodule(student), mode=[("kd_loss", config)])
+    config["teacher_model"] = converted.teacher_model
+    export(converted)
+    module.__class__ = _CLASSES.get(type(module))
     module._kd_student_name = student
+    module._kd_config = config
     return module

@@ -40,6 +40,7 @@ __all__ = [
     "compute_causal_lm_loss",
     "convert_causal_lm",
     "export_causal_lm",
+    "is_causal_lm_recipe",
     "restore_causal_lm",
 ]
 
@@ -93,7 +94,18 @@ def _set_head(model: nn.Module, name: str, head: nn.Module) -> None:
 
 
 def _lm_head_losses(model: DistillationModel) -> list[LMHeadDistillationLoss]:
-    return [p.loss for p in model._kd_pairs if isinstance(p.loss, LMHeadDistillationLoss)]
+    return [p.loss for p in model.kd_pairs if isinstance(p.loss, LMHeadDistillationLoss)]
+
+
+def is_causal_lm_recipe(model: Any) -> bool:
+    """Whether ``model`` is a ``convert_causal_lm`` model (its lm_heads skipped while distilling).
+
+    Such a model's outputs hold final hidden states, not logits: integrations must not let it
+    compute its own loss, and use ``compute_causal_lm_loss`` instead.
+    """
+    return isinstance(model, DistillationModel) and any(
+        isinstance(module, _SkippedLMHead) for module in model.modules()
+    )
 
 
 def _skip_heads_(model: DistillationModel, lm_head_name: str) -> None:
@@ -249,12 +261,21 @@ def restore_causal_lm(
     Args:
         student: A fresh instance of the student's architecture.
         f: The file written by ``kdistill.save``.
-        teacher_model: The teacher (required unless it was saved as a factory).
+        teacher_model: The teacher (required: ``convert_causal_lm`` takes a module instance,
+            and checkpoints never hold the teacher).
         lm_head_name: Name of the output projection in both models.
 
     Returns:
         The restored ``DistillationModel``, ready to train on.
+
+    Raises:
+        ValueError: No ``teacher_model``, or the checkpoint holds no distillation mode.
     """
+    if teacher_model is None:
+        raise ValueError(
+            "restore_causal_lm needs `teacher_model=`: the recipe's teacher is a module "
+            "instance, and checkpoints never hold the teacher."
+        )
     model = restore(student, f, teacher_model=teacher_model)
     if not isinstance(model, DistillationModel):
         raise ValueError(

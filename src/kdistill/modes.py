@@ -1,9 +1,10 @@
 """Distillation modes: each is declared once with its name, config class and conversion.
 
 Mirrors ModelOpt 0.47 ``modelopt/torch/distill/mode.py``: ``"kd_loss"`` and ``"layerwise_kd"``
-attach a teacher and losses; ``"export_student"`` (the export mode of both) removes them.
+attach a teacher and losses; ``"export_student"`` (what ``export`` applies) removes them.
 """
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,43 +20,31 @@ __all__ = ["ModeDescriptor", "get_mode", "list_modes"]
 
 @dataclass(frozen=True)
 class ModeDescriptor:
-    """A mode: how to validate its config and apply it to a model (in place)."""
+    """A mode: how to validate its config and apply it to a model (in place).
+
+    Attributes:
+        name: The mode's name in ``convert(model, mode=[(name, config)])``.
+        config_class: Validates the user's config (``from_user``).
+        apply: Applies a validated config to a model, in place; all-or-nothing.
+        converts: Whether the mode makes a ``DistillationModel`` (``False``: it exports one).
+    """
 
     name: str
     config_class: type
     apply: Callable[[nn.Module, Any], nn.Module]
-    export_mode: str | None = None
+    converts: bool
 
 
-def _submodule_names(module: nn.Module) -> list[str]:
-    return [name for name, _ in module.named_modules()]
-
-
-def _check_layers(student: nn.Module, teacher: nn.Module, config: KDLossConfig) -> None:
-    """Raise one ``ValueError`` listing every unknown layer name, saying which side."""
-    student_names, teacher_names = _submodule_names(student), _submodule_names(teacher)
-    problems = []
-    for s_name, t_name in config.criterion:
-        if s_name not in student_names:
-            problems.append(unknown_name_message("student layer", s_name, student_names))
-        if t_name not in teacher_names:
-            problems.append(unknown_name_message("teacher layer", t_name, teacher_names))
-    if problems:
-        raise ValueError("Invalid `criterion`: " + " ".join(problems))
-
-
-def _apply_kd(model: nn.Module, config: KDLossConfig, layerwise: bool) -> nn.Module:
-    """Validate everything against the model, then convert it in place."""
+def _apply_kd(model: nn.Module, config: KDLossConfig, mode: str, layerwise: bool) -> nn.Module:
+    """Convert ``model`` in place with a config validated against it (``from_user(student=)``)."""
     if isinstance(model, DistillationModel):
         raise RuntimeError(
             f"The model is already a DistillationModel ({type(model).__name__}); export it with "
             "kdistill.export(model) before converting again."
         )
-    teacher = config.teacher_spec.build()
-    if teacher is model:
-        raise ValueError("`teacher_model` is the student itself; pass a separate module.")
-    _check_layers(model, teacher, config)
+    teacher = config.teacher_spec.build()  # the instance from_user built
     generated = distillation_class(type(model))  # may raise for exotic classes: before any change
+    recorded = dataclasses.replace(config, teacher_model=config.teacher_spec.recorded_only())
     model.__class__ = generated
     try:
         model.setup_(
@@ -64,9 +53,10 @@ def _apply_kd(model: nn.Module, config: KDLossConfig, layerwise: bool) -> nn.Mod
             config.loss_balancer,
             config.expose_minimal_state_dict,
             layerwise=layerwise,
+            mode=(mode, recorded),
         )
     except BaseException:
-        model.__class__ = generated._kd_student_cls
+        model.__class__ = generated.original_cls
         raise
     return model
 
@@ -85,12 +75,15 @@ _MODES: dict[str, ModeDescriptor] = {
     mode.name: mode
     for mode in (
         ModeDescriptor(
-            "kd_loss", KDLossConfig, lambda m, c: _apply_kd(m, c, False), "export_student"
+            "kd_loss", KDLossConfig, lambda m, c: _apply_kd(m, c, "kd_loss", False), True
         ),
         ModeDescriptor(
-            "layerwise_kd", LayerwiseKDConfig, lambda m, c: _apply_kd(m, c, True), "export_student"
+            "layerwise_kd",
+            LayerwiseKDConfig,
+            lambda m, c: _apply_kd(m, c, "layerwise_kd", True),
+            True,
         ),
-        ModeDescriptor("export_student", ExportStudentConfig, _apply_export),
+        ModeDescriptor("export_student", ExportStudentConfig, _apply_export, False),
     )
 }
 

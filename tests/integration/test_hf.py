@@ -107,8 +107,12 @@ def test_loss_equals_hand_computed_masked_kd(tmp_path, build, kd_weight):
         model=student, teacher_model=teacher, loss_balancer=balancer, args=make_args(tmp_path)
     )
     inputs = batch_of(make_data(3))
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, inputs)
+    with trainer.distilling() as model:
+        model.train()
+        loss = trainer.compute_loss(model, inputs)
+        # given the step's token count (as Trainer does), the KD sum is divided by it instead
+        num_items = 2 * int(next_token_mask(inputs["labels"]).sum())
+        loss_half = trainer.compute_loss(model, inputs, num_items_in_batch=num_items)
 
     with torch.no_grad():
         s_logits = reference_student(input_ids=inputs["input_ids"]).logits
@@ -117,10 +121,6 @@ def test_loss_equals_hand_computed_masked_kd(tmp_path, build, kd_weight):
     if kd_weight is not None:
         expected = kd_weight * expected + (1 - kd_weight) * hand_ce(s_logits, inputs["labels"])
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
-
-    # given the step's token count (as Trainer does), the KD sum is divided by it instead
-    num_items = 2 * int(next_token_mask(inputs["labels"]).sum())
-    loss_half = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=num_items)
     if kd_weight is None:
         torch.testing.assert_close(loss_half.double(), expected / 2, rtol=1e-5, atol=1e-7)
 
@@ -144,8 +144,9 @@ def test_lm_head_loss_on_final_hidden_states_equals_default_criterion(tmp_path):
     for num_items in (None, 2 * int(next_token_mask(inputs["labels"]).sum())):
         losses = []
         for trainer in (default, chunked):
-            trainer.model.train()
-            losses.append(trainer.compute_loss(trainer.model, inputs, num_items_in_batch=num_items))
+            with trainer.distilling() as model:
+                model.train()
+                losses.append(trainer.compute_loss(model, inputs, num_items_in_batch=num_items))
         torch.testing.assert_close(losses[1], losses[0])
     for loss in losses:
         loss.backward()
@@ -200,7 +201,7 @@ def test_causal_lm_recipe_model_trains_like_the_default_and_saves_plain_student(
     chunked.save_model(str(tmp_path / "recipe"))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "recipe"))
     trained = export_causal_lm(chunked.model)
-    torch.testing.assert_close(trained.state_dict(), mtd.export(default.model).state_dict())
+    torch.testing.assert_close(trained.state_dict(), default.model.state_dict())
     ids = data[0]["input_ids"][None]
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
@@ -263,7 +264,7 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, counted, prompt_leng
         trainer.model_accepts_loss_kwargs = counted  # what Trainer decides from the signature
         out = trainer.train()
         (log,) = [log for log in trainer.state.log_history if "kd_loss" in log]
-        results.append((out.training_loss, log, mtd.export(trainer.model).state_dict()))
+        results.append((out.training_loss, log, trainer.model.state_dict()))
     (loss_full, log_full, params_full), (loss_accumulated, log_accumulated, params_accumulated) = (
         results
     )
@@ -318,13 +319,13 @@ def test_training_logs_components_reduces_kd_and_saves_student(tmp_path):
         assert log["loss"] == pytest.approx(0.75 * log["kd_loss"] + 0.25 * log["ce_loss"], rel=1e-4)
         assert log["kd_loss"] == pytest.approx(log["LogitsDistillationLoss_0"])
 
-    # teacher: frozen, unchanged, in eval mode, not in the optimizer, same dtype as the student
+    # teacher: unchanged, not in the optimizer, its flags as before; the student plain again
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in teacher_before.items())
-    assert not teacher.training
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert not optimized & {id(p) for p in teacher.parameters()}
-    with trainer.model.hide_teacher_model():
-        assert optimized == {id(p) for p in trainer.model.parameters()}
+    assert trainer.model is student and type(student) is transformers.LlamaForCausalLM
+    assert optimized == {id(p) for p in student.parameters()}
 
     # save_model writes the student alone, loadable without kdistill's classes
     trainer.save_model(str(tmp_path / "student"))
@@ -335,18 +336,20 @@ def test_training_logs_components_reduces_kd_and_saves_student(tmp_path):
     plain_keys = set(tiny_llama(1).state_dict())
     assert set(loaded.state_dict()) == plain_keys
     ids = data[0]["input_ids"][None]
-    trainer.model.eval()
-    with trainer.model.only_student_forward(), torch.no_grad():
-        torch.testing.assert_close(
-            loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits
-        )
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, student(input_ids=ids).logits)
 
 
 def test_teacher_follows_student_dtype_and_factory_teacher(tmp_path):
     student = tiny_llama(1).to(torch.float64)
     trainer = KDTrainer(model=student, teacher_model=tiny_llama, args=make_args(tmp_path))
-    assert {p.dtype for p in trainer.model.teacher_model.parameters()} == {torch.float64}
-    assert not any(p.requires_grad for p in trainer.model.teacher_model.parameters())
+    with trainer.distilling() as model:
+        assert {p.dtype for p in model.teacher_model.parameters()} == {torch.float64}
+        assert not any(p.requires_grad for p in model.teacher_model.parameters())
+        teacher = model.teacher_model
+    with trainer.distilling() as model:
+        assert model.teacher_model is teacher  # the factory is called once, in __init__
 
 
 def test_accepts_a_converted_model(tmp_path):
@@ -419,3 +422,73 @@ def test_save_pretrained_on_converted_model_records_student_architecture(tmp_pat
     assert type(loaded) is transformers.LlamaForCausalLM
     ids = torch.randint(0, VOCAB, (1, 5))
     torch.testing.assert_close(loaded(ids).logits, mtd.export(model)(ids).logits)
+
+
+class _FailAt(transformers.TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("simulated crash during training")
+
+
+def _plain_count() -> int:
+    return sum(p.numel() for p in tiny_llama(1).parameters())
+
+
+def test_the_student_passed_in_is_plain_after_training_and_after_a_crash(tmp_path):
+    data = make_data(8, seed=4)
+    teacher = tiny_llama(2)
+    student = tiny_llama(1)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    args = make_args(tmp_path, max_steps=2, per_device_train_batch_size=2, logging_steps=1)
+    trainer = KDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+    assert type(student) is transformers.LlamaForCausalLM  # not converted by __init__ either
+    trainer.train()
+    assert trainer.model is student and type(student) is transformers.LlamaForCausalLM
+    assert sum(p.numel() for p in student.parameters()) == _plain_count()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in student.modules())
+    assert any(not torch.equal(v, start[k]) for k, v in student.state_dict().items()), "trained"
+    ids = data[0]["input_ids"][None, :4]
+    generated = student.generate(ids, max_new_tokens=2, do_sample=False)
+    assert generated.shape == (1, 6)
+    # train again: the optimizer (and its state) carries over, the student is plain afterwards
+    optimizer = trainer.optimizer
+    trainer.args.max_steps = 4
+    trainer.train()
+    assert trainer.optimizer is optimizer and type(student) is transformers.LlamaForCausalLM
+
+    crashing = tiny_llama(1)
+    trainer = KDTrainer(
+        model=crashing,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=data,
+        callbacks=[_FailAt(1)],
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train()
+    assert type(crashing) is transformers.LlamaForCausalLM
+    assert sum(p.numel() for p in crashing.parameters()) == _plain_count()
+
+
+def test_checkpoint_resume_with_a_plain_student(tmp_path):
+    data = make_data(8, seed=5)
+    teacher = tiny_llama(2)
+    start = tiny_llama(1).state_dict()
+    common = {"per_device_train_batch_size": 2, "optim": "sgd", "lr_scheduler_type": "constant"}
+
+    def run(max_steps, resume=None, **extra):
+        student = tiny_llama(1)
+        student.load_state_dict(start)
+        args = make_args(tmp_path, max_steps=max_steps, **common, **extra)
+        trainer = KDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+        trainer.train(resume_from_checkpoint=resume)
+        assert type(student) is transformers.LlamaForCausalLM
+        return student
+
+    straight = run(4)
+    run(2, save_strategy="steps", save_steps=2)
+    resumed = run(4, resume=str(tmp_path / "out" / "checkpoint-2"))
+    torch.testing.assert_close(resumed.state_dict(), straight.state_dict())

@@ -104,9 +104,12 @@ def test_fit_matches_a_plain_pytorch_kd_loop_and_checkpoints_exclude_teacher(tmp
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    torch.testing.assert_close(
-        mtd.export(copy.deepcopy(module.net)).state_dict(), reference.state_dict()
+    # after fit the module holds the plain, trained student (and no teacher)
+    assert type(module.net) is TinyMLP
+    assert sum(p.numel() for p in module.parameters()) == sum(
+        p.numel() for p in Classifier().parameters()
     )
+    torch.testing.assert_close(module.net.state_dict(), reference.state_dict())
 
     # components logged with self.log (the last step's values); the module's own log too
     metrics = trainer.callback_metrics
@@ -134,7 +137,7 @@ def test_fit_matches_a_plain_pytorch_kd_loop_and_checkpoints_exclude_teacher(tmp
     torch.testing.assert_close(plain.net.state_dict(), reference.state_dict())
     again = distilled(TinyMLP(hidden=64))
     again.load_state_dict(state)  # strict: the missing teacher entries are expected
-    torch.testing.assert_close(mtd.export(again.net).state_dict(), reference.state_dict())
+    torch.testing.assert_close(again.net.state_dict(), reference.state_dict())
 
 
 def test_kd_only_without_balancer_and_deepcopy(tmp_path):
@@ -145,10 +148,9 @@ def test_kd_only_without_balancer_and_deepcopy(tmp_path):
         criterion=mtd.LogitsDistillationLoss(),
     )
     clone = copy.deepcopy(module)
-    assert type(clone) is type(module)
-    assert isinstance(clone.net, mtd.DistillationModel)
+    assert type(clone) is type(module) and type(clone.net) is TinyMLP
     trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0)
-    trainer.fit(module, make_loader())
+    trainer.fit(clone, make_loader())
     metrics = trainer.callback_metrics
     torch.testing.assert_close(metrics["total_loss"], metrics["kd_loss"])
     assert "student_loss" in metrics  # logged, not trained on
@@ -192,3 +194,78 @@ def test_docstring_examples():
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0, f"{result.failed} doctest(s) failed"
+
+
+class CrashingClassifier(Classifier):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 1:
+            raise RuntimeError("simulated crash")
+        return super().training_step(batch, batch_idx)
+
+
+def test_student_is_converted_only_during_fit_also_when_fit_raises(tmp_path):
+    teacher = TinyMLP(hidden=64)
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(isinstance(pl_module.net, mtd.DistillationModel))
+
+    module = distill(
+        CrashingClassifier(),
+        student="net",
+        teacher_model=teacher,
+        criterion=mtd.LogitsDistillationLoss(),
+    )
+    assert type(module.net) is TinyMLP
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make_trainer(tmp_path, limit_val_batches=0, callbacks=[Probe()]).fit(module, make_loader())
+    assert seen == [True, True]
+    assert type(module.net) is TinyMLP
+    assert all(p.requires_grad for p in teacher.parameters()) and teacher.training
+    # validate outside fit runs the plain student; fit again distills again
+    make_trainer(tmp_path).validate(module, make_loader(), verbose=False)
+    module.__class__.training_step = Classifier.training_step  # stop crashing
+    make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, make_loader())
+    assert type(module.net) is TinyMLP
+
+
+def test_loss_module_checkpoint_entries_load_outside_fit(tmp_path):
+    class ConvClassifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            from kdistill.testing import TinyCNN
+
+            self.net = TinyCNN(1, 4)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).sum() * 0
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    from kdistill.testing import TinyCNN
+
+    def make():
+        return distill(
+            ConvClassifier(),
+            student="net",
+            teacher_model=TinyCNN(1, 6),
+            criterion={("conv2", "conv2"): mtd.MGDLoss(4, 6)},
+        )
+
+    module = make()
+    loss = module._kd_config["criterion"][("conv2", "conv2")]
+    with torch.no_grad():
+        loss.align.weight.fill_(0.25)
+    x = torch.randn(4, 1, 6, 6)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=2)
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(module, loader)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    state = torch.load(tmp_path / "c.ckpt", weights_only=False)["state_dict"]
+    assert any(k.startswith("net._loss_modules.0.") for k in state)
+    again = make()
+    again.load_state_dict(state)
+    restored = again._kd_config["criterion"][("conv2", "conv2")]
+    torch.testing.assert_close(restored.align.weight, loss.align.weight)

@@ -155,7 +155,7 @@ def test_scheduled_step_survives_save_and_restore(tmp_path):
     for _ in range(7):
         model.loss_balancer.step()
     mtd.save(model, tmp_path / "ckpt.pt")
-    restored = mtd.restore(tiny_mlp(), tmp_path / "ckpt.pt")
+    restored = mtd.restore(tiny_mlp(), tmp_path / "ckpt.pt", teacher_model=tiny_mlp)
     assert isinstance(restored.loss_balancer, mtd.ScheduledLossBalancer)
     assert restored.loss_balancer.current_step == 7
     assert restored.loss_balancer.factor == model.loss_balancer.factor
@@ -172,7 +172,7 @@ def test_scheduled_step_survives_save_and_restore(tmp_path):
 def test_dynamic_balancer_in_a_model_round_trips(tmp_path):
     model = _convert(mtd.DynamicLossBalancer([1.0, 0.5], reference="student_loss"))
     mtd.save(model, tmp_path / "ckpt.pt")
-    restored = mtd.restore(tiny_mlp(), tmp_path / "ckpt.pt")
+    restored = mtd.restore(tiny_mlp(), tmp_path / "ckpt.pt", teacher_model=tiny_mlp)
     assert restored.loss_balancer.kd_loss_weight == [1.0, 0.5]
     out = restored(torch.randn(4, 16))
     loss = restored.compute_kd_loss(student_loss=out.pow(2).mean())

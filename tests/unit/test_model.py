@@ -1,6 +1,9 @@
 """DistillationModel behaviour: teacher handling, compute_kd_loss, contexts, state dicts."""
 
 import copy
+import gc
+import warnings
+import weakref
 
 import pytest
 import torch
@@ -120,7 +123,7 @@ def test_kwargs_reach_only_losses_that_accept_them():
     out = model(x)
     losses = model.compute_kd_loss(labels=y, skip_balancer=True)
     torch.testing.assert_close(losses["LabelledLoss_0"], F.cross_entropy(out, y))
-    assert model._kd_pairs[2].loss.kwargs.keys() == {"labels"}
+    assert model.kd_pairs[2].loss.kwargs.keys() == {"labels"}
 
 
 def test_unknown_kwarg_raises():
@@ -131,13 +134,16 @@ def test_unknown_kwarg_raises():
 
 
 def test_nothing_captured_raises_and_captures_are_released():
-    model = convert()
+    model = convert(criterion={("fc1", "fc1"): nn.MSELoss()})
     with pytest.raises(RuntimeError, match="Run a forward pass"):
         model.compute_kd_loss()
+    outputs = []
+    model.fc1.register_forward_hook(lambda m, i, o: outputs.append(weakref.ref(o)))
+    model.teacher_model.fc1.register_forward_hook(lambda m, i, o: outputs.append(weakref.ref(o)))
     model(torch.randn(2, 16))
     model.compute_kd_loss()
-    pair = model._kd_pairs[0]
-    assert pair.student_capture.output is None and pair.teacher_capture.output is None
+    gc.collect()
+    assert len(outputs) == 2 and all(ref() is None for ref in outputs), "captures kept alive"
     with pytest.raises(RuntimeError, match="Run a forward pass"):
         model.compute_kd_loss()
 
@@ -179,13 +185,19 @@ def test_context_managers_are_reentrant_and_exception_safe():
     with pytest.raises(KeyError), model.hide_teacher_model():
         raise KeyError("boom")
     assert list(model._modules) == keys
+    teacher_runs = []
+    model.teacher_model.register_forward_hook(lambda *_: teacher_runs.append(1))
+    x = torch.randn(2, 16)
     with model.only_student_forward():
         with model.only_student_forward(enable=False):
-            assert model._kd_only_student
+            model(x)  # the outer context still holds
+        assert teacher_runs == []
         with pytest.raises(ValueError, match="inside"), model.only_teacher_forward():
             raise ValueError("inside")
-        assert not model._kd_only_teacher
-    assert not model._kd_only_student
+        model(x)  # only_teacher_forward ended with the exception: the student runs, alone
+        assert teacher_runs == []
+    model(x)
+    assert teacher_runs == [1]
 
 
 def test_state_dict_hides_teacher_and_keeps_loss_modules():
@@ -300,3 +312,237 @@ def test_layerwise_feeds_teacher_inputs_and_trains_only_paired_layers():
     assert changed == {"fc2.weight", "fc2.bias"}
     mtd.export(model)
     assert all(p.requires_grad for p in student.parameters())
+
+
+# ----------------------------------------------------------------------------- failed forwards
+def _fail_when(flag: list[bool]):
+    def hook(module, args):
+        if flag[0]:
+            raise RuntimeError("simulated out of memory")
+
+    return hook
+
+
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_failed_forward_clears_every_capture(side):
+    model = convert(
+        criterion={("fc1", "fc1"): nn.MSELoss(), ("", ""): nn.MSELoss()},
+        loss_balancer=mtd.StaticLossBalancer([0.5, 0.5]),
+    )
+    failing = model.fc2 if side == "student" else model.teacher_model.fc2
+    flag = [False]
+    failing.register_forward_pre_hook(_fail_when(flag))
+    captured = []
+    model.fc1.register_forward_hook(lambda m, i, o: captured.append(weakref.ref(o)))
+    model(torch.randn(2, 16))  # a complete forward whose outputs are not consumed
+    flag[0] = True
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        model(torch.randn(2, 16))
+    gc.collect()
+    assert all(ref() is None for ref in captured), "a failed forward must free the captures"
+    with pytest.raises(RuntimeError, match="No captured output"):
+        model.compute_kd_loss()  # never student(x1) against teacher(x2)
+    flag[0] = False
+    x = torch.randn(3, 16)
+    out = model(x)
+    expected = 0.5 * F.mse_loss(model.fc1(x), model.teacher_model.fc1(x)) + 0.5 * F.mse_loss(
+        out, model.teacher_model(x)
+    )
+    torch.testing.assert_close(model.compute_kd_loss(), expected)
+
+
+# ----------------------------------------------------------------------------- warnings
+def test_overwritten_capture_warns_once_per_hooked_module_in_training_only():
+    model = convert(
+        criterion={
+            ("", ""): nn.MSELoss(),
+            ("fc1", "fc1"): nn.MSELoss(),
+            ("fc1", "fc2"): nn.MSELoss(),
+        },
+        loss_balancer=mtd.StaticLossBalancer([0.3, 0.3, 0.4]),
+    )
+    x = torch.randn(2, 16)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)
+        model(x)  # evaluation loops need no compute_kd_loss: silent
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model(x)
+    messages = sorted(str(w.message).split(":")[0] for w in caught)
+    # one per hooked module and side: student '' and fc1, teacher '', fc1 and fc2
+    assert messages == [
+        "Student layer '' (the model's output)",
+        "Student layer 'fc1'",
+        "Teacher layer '' (the model's output)",
+        "Teacher layer 'fc1'",
+        "Teacher layer 'fc2'",
+    ]
+    model.compute_kd_loss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)
+        model.compute_kd_loss()
+
+
+def test_layerwise_without_teacher_inputs_warns_in_training():
+    model = mtd.convert(
+        TinyMLP(),
+        mode=[
+            (
+                "layerwise_kd",
+                {"teacher_model": TinyMLP(), "criterion": {("fc2", "fc2"): nn.MSELoss()}},
+            )
+        ],
+    )
+    x = torch.randn(2, 16)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with model.only_student_forward():
+            model(x)  # evaluating the student alone is legitimate
+    model.train()
+    with (
+        pytest.warns(UserWarning, match="'fc2' has no intermediate input stored for student layer"),
+        model.only_student_forward(),
+    ):
+        out = model(x)
+    torch.testing.assert_close(out, TinyMLP.forward(model, x))  # ran on its own inputs
+
+
+# ----------------------------------------------------------------------------- shared modules
+class SharesFirstLayer(nn.Module):
+    def __init__(self, shared: nn.Linear) -> None:
+        super().__init__()
+        self.embed = shared
+        self.drop = nn.Dropout(0.5)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.out(self.drop(torch.relu(self.embed(x))))
+
+
+def test_shared_modules_warn_and_stay_trainable_also_after_export():
+    student = TinyMLP()
+    teacher = SharesFirstLayer(student.fc1)
+    with pytest.warns(UserWarning, match=r"shares modules/parameters 'embed'"):
+        model = convert(student, teacher_model=teacher, loss_balancer=mtd.StaticLossBalancer(0.5))
+    assert all(p.requires_grad for p in student.fc1.parameters()), "the student's own layer"
+    assert not any(p.requires_grad for p in teacher.out.parameters())
+    model.train()
+    assert student.fc1.training and not teacher.out.training and not teacher.drop.training
+    x, y = torch.randn(4, 16), torch.randint(0, 10, (4,))
+    out = model(x)
+    model.compute_kd_loss(student_loss=F.cross_entropy(out, y)).backward()
+    assert student.fc1.weight.grad is not None and teacher.out.weight.grad is None
+    mtd.export(model)
+    assert all(p.requires_grad for p in student.parameters())
+    assert all(p.requires_grad for p in teacher.parameters()), "export restores the teacher"
+    assert teacher.training and teacher.out.training  # as before convert
+
+
+def test_user_frozen_shared_module_stays_frozen():
+    student = TinyMLP()
+    student.fc1.requires_grad_(False)
+    teacher = SharesFirstLayer(student.fc1)
+    with pytest.warns(UserWarning, match="shares"):
+        model = convert(student, teacher_model=teacher)
+    assert not any(p.requires_grad for p in student.fc1.parameters())
+    mtd.export(model)
+    assert not any(p.requires_grad for p in student.fc1.parameters())
+
+
+def test_export_restores_teacher_flags_convert_changed():
+    teacher = TinyMLP()
+    teacher.head.requires_grad_(False)  # the user's own choice survives
+    teacher.fc2.eval()
+    flags = (
+        {n: p.requires_grad for n, p in teacher.named_parameters()},
+        {n: m.training for n, m in teacher.named_modules()},
+    )
+    model = convert(teacher_model=teacher)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    mtd.export(model)
+    assert (
+        {n: p.requires_grad for n, p in teacher.named_parameters()},
+        {n: m.training for n, m in teacher.named_modules()},
+    ) == flags
+
+
+# ----------------------------------------------------------------------------- inner API
+def test_inner_api_for_integrations():
+    student = TinyMLP()
+    criterion = {("fc1", "fc1"): nn.MSELoss(), ("", ""): LabelledLoss()}
+    model = convert(student, criterion=criterion, loss_balancer=mtd.StaticLossBalancer([0.5, 0.5]))
+    assert model.original_cls is TinyMLP and type(model).original_cls is TinyMLP
+    assert [(p.student_layer, p.teacher_layer, p.key) for p in model.kd_pairs] == [
+        ("fc1", "fc1", "MSELoss_0"),
+        ("", "", "LabelledLoss_1"),
+    ]
+    assert model.kd_pairs[1].loss is criterion[("", "")]
+    assert model.accepted_loss_kwargs({"labels": 1, "mask": 2}) == {"labels": 1}
+    assert [name for name, _ in model.kd_modes] == ["kd_loss"]
+    assert model.expose_minimal_state_dict is True
+    with model.as_student() as plain:
+        assert type(plain) is TinyMLP and plain is model
+        assert set(plain.state_dict()) == set(TinyMLP().state_dict())
+    assert isinstance(model, mtd.DistillationModel) and "_teacher_model" in model._modules
+    model.double()
+    model.teacher_model.float()
+    model.align_teacher_()
+    assert model.teacher_model.fc1.weight.dtype == torch.float64
+
+
+def test_generated_classes_are_cached_weakly():
+    def make():
+        class Local(TinyMLP):
+            pass
+
+        return Local
+
+    cls = make()
+    a, b = convert(cls()), convert(cls())
+    assert type(a) is type(b)
+    ref = weakref.ref(cls)
+    mtd.export(a), mtd.export(b)
+    del a, b, cls
+    gc.collect()
+    assert ref() is None, "kdistill must not keep converted classes alive"
+
+
+class RecordingTeacher(TinyMLP):
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.calls: list = []
+        self.fail = fail
+
+    def set_kd_uses_(self, uses):
+        if self.fail:
+            raise ValueError("this teacher cannot serve these layers")
+        self.calls.append(uses)
+
+
+def test_teacher_protocol_receives_the_layers_read():
+    teacher = RecordingTeacher()
+    model = mtd.convert(
+        TinyMLP(),
+        mode=[
+            (
+                "layerwise_kd",
+                {"teacher_model": teacher, "criterion": {("fc2", "fc2"): nn.MSELoss()}},
+            )
+        ],
+    )
+    assert teacher.calls == [{"fc2": frozenset({"output", "inputs"})}]
+    mtd.export(model)
+    model = convert(teacher_model=teacher)
+    assert teacher.calls[1:] == [None, {"": frozenset({"output"})}]
+    student = TinyMLP()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot serve"):
+        convert(student, teacher_model=RecordingTeacher(fail=True))
+    assert type(student) is TinyMLP and not any(m._forward_hooks for m in student.modules())
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())

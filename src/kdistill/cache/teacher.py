@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import TopKTeacher
+from ..model import KD_USE_INPUTS
 from ._format import sample_input_hashes
 from .store import TeacherCache
 
@@ -102,6 +103,7 @@ class CachedTeacher(nn.Module):
         self.verify_inputs = bool(verify_inputs)
         self.output_dtype = output_dtype
         self._pending_ids: Tensor | None = None
+        self._kd_uses: dict[str, frozenset[str]] = {}
         for layer in sorted(cache.layers, key=lambda name: name.count(".")):  # parents first
             if layer:
                 self._add_layer(layer)
@@ -200,23 +202,30 @@ class CachedTeacher(nn.Module):
                 output = value
         return output
 
+    def set_kd_uses_(self, uses: Mapping[str, frozenset[str]] | None) -> None:
+        """Record what a ``DistillationModel`` reads from this teacher (its teacher protocol).
+
+        ``convert`` calls it with ``{layer: {"output"} or {"output", "inputs"}}``, ``export``
+        with ``None``; ``forward`` then refuses the uses a cache cannot serve.
+        """
+        self._kd_uses = dict(uses or {})
+
     def _check_hooks(self) -> None:
         """Refuse uses a cache cannot serve, instead of feeding the hooks wrong values."""
-        if "" not in self.cache.layers and self._forward_hooks:
+        if "" not in self.cache.layers and "" in self._kd_uses:
             raise RuntimeError(
                 "The teacher's output ('') is used (e.g. by a criterion pair with teacher layer "
                 f"''), but the cache holds only layers {self.cache.layers}. Rebuild it with "
                 "layers=['', ...], or pair the loss with a cached layer."
             )
         for name, module in self.named_modules():
-            if isinstance(module, _Node) and module._forward_hooks:
+            uses = self._kd_uses.get(name, frozenset()) if name else frozenset()
+            if isinstance(module, _Node) and uses:
                 raise RuntimeError(
                     f"Teacher layer {name!r} is used, but only layers inside it are cached "
                     f"({self.cache.layers}). Rebuild the cache with {name!r} in `layers`."
                 )
-            if isinstance(module, _CachedLayer) and any(
-                getattr(hook, "keep_inputs", False) for hook in module._forward_hooks.values()
-            ):
+            if isinstance(module, _CachedLayer) and KD_USE_INPUTS in uses:
                 raise RuntimeError(
                     f"Layer {name!r} of a CachedTeacher is used by 'layerwise_kd', which feeds "
                     "the teacher layer's inputs to the student; a cache holds layer outputs only. "
