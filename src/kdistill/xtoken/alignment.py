@@ -147,6 +147,8 @@ def prefix_ends(offsets: Tensor, mask: Tensor | None = None) -> Tensor:
     offsets = offsets.long()
     start, end = offsets[..., 0], offsets[..., 1]  # [B, T]
     batch, length = start.shape
+    if length == 0:
+        return end.clone()
     text = mask & (end > start)
     # start of the next text token: a suffix minimum over later text tokens' starts
     big = torch.iinfo(torch.int64).max

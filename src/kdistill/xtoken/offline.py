@@ -112,10 +112,10 @@ def train_bpe(
 ) -> "transformers.PreTrainedTokenizerFast":
     """Train a byte-level BPE tokenizer (GPT-2 style) on ``texts`` with the ``tokenizers`` library.
 
-    The vocabulary holds the special tokens (ids 0, 1), the 256 byte tokens, then the merges in
-    the order they were learned, up to ``vocab_size`` ids (fewer when the text has no pair left
-    that occurs ``min_frequency`` times). Deterministic. Train on training text only: a tokenizer
-    fitted to held-out text would leak it into evaluation.
+    The vocabulary holds EOS (id 0) and BOS (id 1, when given), the 256 byte tokens, then the
+    merges in the order they were learned, up to ``vocab_size`` ids (fewer when the text has no
+    pair left that occurs ``min_frequency`` times). Deterministic. Train on training text only:
+    a tokenizer fitted to held-out text would leak it into evaluation.
 
     Args:
         texts: One string or an iterable of strings (e.g. one per document or verse).

@@ -15,8 +15,9 @@ and SentencePiece's ``▁the`` (both " the") match. The rule, per token of each 
 Two tokens are shared when they spell the same bytes. Added tokens: a *special* one (BOS, EOS,
 chat markers) matches only a special token of the other tokenizer with the same content; a
 non-special added token spells its content. When several ids of one vocabulary spell the same
-bytes, the smallest id represents them and the others count as not shared, so the map is one to
-one.
+bytes, one represents them and the others count as not shared, so the map is one to one: a
+regular token before a byte-fallback one (SentencePiece spells a space ``▁``, not ``<0x20>``),
+then the smallest id.
 """
 
 import re
@@ -63,13 +64,24 @@ def token_spellings(tokenizer: Any) -> dict[int, tuple[str, bytes]]:
     Returns:
         ``{id: (kind, value)}`` with kind ``"text"`` (value: the bytes spelled) or
         ``"special"`` (value: the special token's content as UTF-8).
+
+    Example:
+        >>> from kdistill.xtoken import byte_tokenizer
+        >>> spellings = token_spellings(byte_tokenizer())
+        >>> spellings[32], spellings[256]
+        (('text', b' '), ('special', b'<|endoftext|>'))
     """
-    backend = backend_of(tokenizer)
+    return _spellings(backend_of(tokenizer))[0]
+
+
+def _spellings(backend: Any) -> tuple[dict[int, tuple[str, bytes]], set[int]]:
+    """``token_spellings`` of a backend, and the ids of its byte-fallback tokens."""
     scheme = describe_backend(backend)
     alphabet = gpt2_byte_alphabet() if scheme["byte_level"] else None
     marker = scheme["space_marker"]
     added = backend.get_added_tokens_decoder()
     spellings: dict[int, tuple[str, bytes]] = {}
+    fallback: set[int] = set()
     for token, index in backend.get_vocab(with_added_tokens=True).items():
         if index in added:
             kind = "special" if added[index].special else "text"
@@ -81,10 +93,11 @@ def token_spellings(tokenizer: Any) -> dict[int, tuple[str, bytes]]:
         byte = _BYTE_TOKEN.fullmatch(token) if scheme["byte_fallback"] else None
         if byte is not None:
             spellings[index] = ("text", bytes([int(byte.group(1), 16)]))
+            fallback.add(index)
             continue
         text = token.replace(marker, " ") if marker else token
         spellings[index] = ("text", text.encode("utf-8"))
-    return spellings
+    return spellings, fallback
 
 
 @dataclass(frozen=True)
@@ -114,12 +127,16 @@ class SharedVocabulary:
         return table
 
 
-def _representatives(spellings: dict[int, tuple[str, bytes]]) -> dict[tuple[str, bytes], int]:
-    """Spelling -> smallest id with that spelling."""
+def _representatives(backend: Any) -> tuple[dict[tuple[str, bytes], int], int]:
+    """Spelling -> representative id (regular before byte fallback, then smallest), and V.
+
+    V is the vocabulary size: the largest id + 1.
+    """
+    spellings, fallback = _spellings(backend)
     first: dict[tuple[str, bytes], int] = {}
-    for index in sorted(spellings):
+    for index in sorted(spellings, key=lambda i: (i in fallback, i)):
         first.setdefault(spellings[index], index)
-    return first
+    return first, max(spellings, default=-1) + 1
 
 
 def shared_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> SharedVocabulary:
@@ -138,15 +155,13 @@ def shared_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> SharedV
         >>> len(shared), bool((shared.teacher_ids == shared.student_ids).all())
         (257, True)
     """
-    teacher_spellings = token_spellings(backend_of(teacher_tokenizer, "teacher_tokenizer"))
-    student_spellings = token_spellings(backend_of(student_tokenizer, "student_tokenizer"))
-    teacher = _representatives(teacher_spellings)
-    student = _representatives(student_spellings)
+    teacher, teacher_size = _representatives(backend_of(teacher_tokenizer, "teacher_tokenizer"))
+    student, student_size = _representatives(backend_of(student_tokenizer, "student_tokenizer"))
     pairs = sorted((index, student[key]) for key, index in teacher.items() if key in student)
     ids = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
     return SharedVocabulary(
         teacher_ids=ids[:, 0].contiguous(),
         student_ids=ids[:, 1].contiguous(),
-        teacher_size=max(teacher_spellings, default=-1) + 1,
-        student_size=max(student_spellings, default=-1) + 1,
+        teacher_size=teacher_size,
+        student_size=student_size,
     )
