@@ -65,14 +65,25 @@ def describe_backend(backend: "tokenizers.Tokenizer") -> dict[str, Any]:
     """How token strings of ``backend`` spell text, read from its decoder and pre-tokenizer.
 
     Returns:
-        ``{"byte_level": bool, "space_marker": str | None, "byte_fallback": bool}``:
-        byte-level BPE (GPT-2's byte alphabet, ``Ġ`` for a space), the character that stands for
-        a space (SentencePiece's ``▁``; from a ``Metaspace`` decoder or a ``Replace(▁ → " ")``
-        decoder) and whether ``<0xNN>`` tokens stand for single bytes (``ByteFallback``).
+        ``{"byte_level": bool, "space_marker": str | None, "byte_fallback": bool,
+        "strip_leading": int, "word_piece": bool}``: byte-level BPE (GPT-2's byte alphabet, ``Ġ``
+        for a space), the character that stands for a space (SentencePiece's ``▁``; from a
+        ``Metaspace`` decoder or a ``Replace(▁ → " ")`` decoder), whether ``<0xNN>`` tokens stand
+        for single bytes (``ByteFallback``), how many leading spaces decoding removes (the
+        space SentencePiece prepends: a ``Metaspace`` decoder that prepends, or ``Strip``), and
+        whether tokens are WordPiece pieces (``##`` continuation).
     """
     config = json.loads(backend.to_str())
-    parts = _component_types(config.get("decoder")) + _component_types(config.get("pre_tokenizer"))
+    decoder_parts = _component_types(config.get("decoder"))
+    parts = decoder_parts + _component_types(config.get("pre_tokenizer"))
     types = {part.get("type") for part in parts}
+    strip_leading = 0
+    for part in decoder_parts:
+        if part.get("type") == "Metaspace" and part.get("prepend_scheme", "always") != "never":
+            strip_leading = max(strip_leading, 1)
+        if part.get("type") == "Strip" and part.get("content") == " ":
+            start = part.get("start")
+            strip_leading = max(strip_leading, start if isinstance(start, int) else 0)
     space_marker = None
     for part in parts:
         if part.get("type") == "Metaspace" and isinstance(part.get("replacement"), str):
@@ -89,4 +100,6 @@ def describe_backend(backend: "tokenizers.Tokenizer") -> dict[str, Any]:
         "byte_level": "ByteLevel" in types,
         "space_marker": space_marker,
         "byte_fallback": "ByteFallback" in types or bool(config["model"].get("byte_fallback")),
+        "strip_leading": strip_leading,
+        "word_piece": "WordPiece" in types or config["model"].get("type") == "WordPiece",
     }

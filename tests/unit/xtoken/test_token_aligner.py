@@ -273,6 +273,13 @@ def test_smollm2_against_a_trained_bpe():
             )
         ]
         assert got == reference_pairs(*ends), text
+    # SmolLM2 as the student: its ids spell the text back exactly
+    reverse = TokenAligner(student, teacher)
+    encoded = reverse(TRICKY_TEXTS)
+    _same_alignment(
+        reverse.align_student_ids(encoded.student_input_ids, encoded.student_attention_mask),
+        encoded,
+    )
 
 
 @pytest.mark.parametrize(
@@ -291,3 +298,122 @@ def test_errors(call, error, match):
     aligner = TokenAligner(byte_tokenizer(), byte_tokenizer())
     with pytest.raises(error, match=match):
         call(aligner)
+
+
+def _same_alignment(a, b):
+    for name in ("teacher_positions", "student_positions", "mask"):
+        assert torch.equal(getattr(a.alignment, name), getattr(b.alignment, name)), name
+    for name in ("teacher_input_ids", "teacher_attention_mask", "student_attention_mask"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    keep = a.student_attention_mask.bool()
+    assert torch.equal(a.student_offsets[keep], b.student_offsets[keep])
+
+
+@pytest.mark.parametrize("student", ["bytes", "bpe", "sentencepiece"])
+def test_align_student_ids_of_canonical_ids_equals_encoding_the_text(student):
+    teacher = train_bpe(CORPUS, vocab_size=400, bos_token="<s>")
+    student = {
+        "bytes": lambda: byte_tokenizer(bos_token="<bos>"),
+        "bpe": lambda: train_bpe(CORPUS, vocab_size=300),
+        "sentencepiece": lambda: sentencepiece_bpe([("▁", "a"), ("▁", "t"), ("h", "e")]),
+    }[student]()
+    aligner = TokenAligner(teacher, student)
+    encoded = aligner(TRICKY_TEXTS)
+    from_ids = aligner.align_student_ids(encoded.student_input_ids, encoded.student_attention_mask)
+    _same_alignment(from_ids, encoded)
+    assert torch.equal(from_ids.student_input_ids, encoded.student_input_ids)  # as given
+
+
+def test_align_student_ids_keeps_a_non_canonical_tokenization():
+    teacher = train_bpe(CORPUS, vocab_size=400)
+    student = train_bpe(CORPUS, vocab_size=300)
+    aligner = TokenAligner(teacher, student)
+    text = "the cat sat"
+    # spell "the" with single-byte tokens: not how the student tokenizer would encode it
+    canonical = student(" cat sat").input_ids
+    ids = torch.tensor([student.convert_tokens_to_ids(list("the")) + canonical])
+    assert ids[0].tolist() != student(text).input_ids
+    batch = aligner.align_student_ids(ids)
+    assert torch.equal(batch.student_input_ids, ids)
+    assert batch.teacher_input_ids.tolist() == [teacher(text).input_ids]
+    ends = [
+        reference_byte_ends(tok.backend_tokenizer, text, row, set(), spell_byte_level)
+        for tok, row in ((teacher, teacher(text).input_ids), (student, ids[0].tolist()))
+    ]
+    got = [
+        (i, j)
+        for i, _, j, _ in pairs((teacher.backend_tokenizer, student.backend_tokenizer), batch)
+    ]
+    assert got == reference_pairs(*ends)
+
+
+def test_align_student_ids_with_a_sequence_cut_inside_a_character():
+    teacher = train_bpe(CORPUS, vocab_size=400)
+    aligner = TokenAligner(teacher, byte_tokenizer())
+    data = "ab🤗".encode()[:-2]  # the emoji loses its last two bytes
+    batch = aligner.align_student_ids(torch.tensor([list(data)]))
+    # the undecodable bytes reach the teacher as U+FFFD, one character per byte
+    assert teacher.decode(batch.teacher_input_ids[0]) == "ab\ufffd\ufffd"
+    assert batch.student_offsets[0].tolist() == [[0, 1], [1, 2], [2, 3], [3, 4]]
+    assert batch.alignment.student_positions[batch.alignment.mask].tolist()[-2:] == [2, 3]
+
+
+def test_align_student_ids_special_tokens_and_padding():
+    teacher = byte_level_bpe([], specials=["<s>"], template="<s> $A")
+    student = byte_tokenizer(bos_token="<bos>")
+    aligner = TokenAligner(teacher, student)
+    bos, eos = 257, 256
+    ids = torch.tensor([[eos, eos, bos, 104, 105, eos], [bos, 104, eos, 105, eos, eos]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])  # left and right padding
+    batch = aligner.align_student_ids(ids, mask)
+    assert pairs((teacher, student.backend_tokenizer), batch, 0) == [
+        (0, "<s>", 2, "<bos>"),
+        (1, "h", 3, "h"),
+        (2, "i", 4, "i"),
+    ]
+    # the EOS between "h" and "i" spells nothing and pairs with nothing
+    assert [(i, j) for i, _, j, _ in pairs((teacher, student.backend_tokenizer), batch, 1)] == [
+        (0, 0),
+        (1, 1),
+        (2, 3),
+    ]
+    spelled = aligner.align_student_ids(ids[1:, :4], skip_special_tokens=False)
+    # "<bos>h<|endoftext|>i": the teacher reads the special tokens' text
+    assert teacher.decode(spelled.teacher_input_ids[0].tolist()[1:]) == "<bos>h<|endoftext|>i"
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda a: a.align_student_ids(torch.zeros(3)), TypeError, "2-D integer"),
+        (lambda a: a.align_student_ids(torch.zeros(1, 2)), TypeError, "2-D integer"),
+        (
+            lambda a: a.align_student_ids(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 3)),
+            ValueError,
+            "student_attention_mask",
+        ),
+        (lambda a: a.align_student_ids(torch.tensor([[999]])), ValueError, "not in the student"),
+        (
+            lambda a: a.align_student_ids(torch.zeros(0, 2, dtype=torch.long)),
+            ValueError,
+            "no sequence",
+        ),
+    ],
+    ids=["1d", "float", "mask", "unknown-id", "empty"],
+)
+def test_align_student_ids_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call(TokenAligner(byte_tokenizer(), byte_tokenizer()))
+
+
+def test_align_student_ids_refuses_word_piece():
+    from tokenizers import models, pre_tokenizers
+
+    word_piece = tokenizers.Tokenizer(
+        models.WordPiece({"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]")
+    )
+    word_piece.pre_tokenizer = pre_tokenizers.Whitespace()
+    aligner = TokenAligner(byte_tokenizer(), word_piece)
+    assert aligner("ab a").student_input_ids.tolist() == [[1, 2, 1]]  # texts still work
+    with pytest.raises(ValueError, match="WordPiece"):
+        aligner.align_student_ids(torch.tensor([[1, 2]]))
