@@ -14,9 +14,10 @@ Question 2 (loss): what does one forward + backward of ULD / hybrid ULD cost at 
 V_t = 49,152 and student V_s = 8,192 over N = 4,096 aligned tokens (one sequence, every position
 aligned: the most pairs N tokens can have)? Hidden states ``[1, N, D]`` (D_t = 576 as SmolLM2,
 D_s = 256), lm_head weights with std 0.02, the student's requiring grad; the hybrid uses
-``--shared`` random shared-token pairs (default 5,406: SmolLM2 and the KJV 8k BPE share that
-many). Variants, each in a fresh subprocess (allocator caches of one cannot hide another's
-memory), after one warm-up call on 64 tokens:
+``--shared`` random shared-token pairs (default 5,406, the size of the map SmolLM2 shares with
+a KJV 8k BPE: 5.4k-5.5k depending on the training split; question 1 reports it). Variants, each
+in a fresh subprocess (allocator caches of one cannot hide another's memory), after one warm-up
+call on 64 tokens:
 
 - ``plain-uld`` / ``plain-hybrid``: full logits ``h @ W.T`` for both models (the teacher's under
   ``no_grad``), then ``ULDLoss`` / ``HybridULDLoss`` with ``alignment=``, autograd;
@@ -211,6 +212,9 @@ def measure_loss(variant: str, args: argparse.Namespace) -> dict:
         "student_vocab": args.student_vocab,
         "teacher_hidden": args.teacher_hidden,
         "student_hidden": args.student_hidden,
+        "shared": min(args.shared, args.student_vocab, args.teacher_vocab)
+        if "hybrid" in variant
+        else None,
         "loss_value": float(value),
         "time_s": median(times),
         "peak_extra_mb": peak_mb,
