@@ -97,7 +97,8 @@ class LogitDivergenceLoss(nn.Module, abc.ABC):
         Args:
             student_log_probs: ``log_softmax(s / T)`` ``[..., C_s]``, float32 (or float64).
             teacher: What ``teacher_distribution`` returned; by default the detached
-                ``log_softmax(t / T)`` ``[..., C_t]``.
+                ``log_softmax(t / T)`` ``[..., C_t]``, a tensor of this call only (the hook may
+                overwrite it in place to save memory).
             labels: ``[...]`` integer classes when ``requires_labels`` (``ignore_index``
                 positions set to 0), else None.
 

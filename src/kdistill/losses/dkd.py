@@ -85,10 +85,12 @@ class DKDLoss(LogitDivergenceLoss):
                 "DKDLoss.divergence needs `labels`: the target class of each position."
             )
         is_target = F.one_hot(labels, num_classes).bool()  # [..., C]
-        return self.alpha * forward_kl(
-            _binary_log_probs(student_log_probs, is_target),
-            _binary_log_probs(teacher, is_target),
-        ) + self.beta * forward_kl(
-            _non_target_log_probs(student_log_probs, is_target),
-            _non_target_log_probs(teacher, is_target),
+        tckd = forward_kl(
+            _binary_log_probs(student_log_probs, is_target), _binary_log_probs(teacher, is_target)
         )
+        # the teacher's log-probs are this call's own detached tensor: renormalize them in place
+        # (log_softmax = x − logsumexp x), so no second [..., C] teacher buffer is alive below
+        teacher_non_target = teacher.masked_fill_(is_target, torch.finfo(teacher.dtype).min)
+        teacher_non_target -= teacher_non_target.logsumexp(-1, keepdim=True)
+        nckd = forward_kl(_non_target_log_probs(student_log_probs, is_target), teacher_non_target)
+        return self.alpha * tckd + self.beta * nckd
