@@ -3,6 +3,7 @@
 from ._registry import get_loss as get_loss
 from ._registry import list_losses as list_losses
 from ._registry import register_loss as register_loss
+from .ensemble import EnsembleLogitsDistillationLoss as EnsembleLogitsDistillationLoss
 from .features import AttentionTransferLoss as AttentionTransferLoss
 from .features import CosineLoss as CosineLoss
 from .features import HintLoss as HintLoss
@@ -26,6 +27,7 @@ __all__ = [
     "AttentionTransferLoss",
     "CosineLoss",
     "DKDLoss",
+    "EnsembleLogitsDistillationLoss",
     "HintLoss",
     "JSDLoss",
     "LMHeadDistillationLoss",
