@@ -29,7 +29,13 @@ from ._serialization import (
 )
 from .balancers import BALANCERS, DistillationLossBalancer
 from .losses._registry import LOSSES
-from .teachers import MAX_TEACHERS, TeacherDict, describe_names, teacher_name_problem
+from .teachers import (
+    MAX_TEACHERS,
+    TeacherDict,
+    describe_names,
+    teacher_layer_problem,
+    teacher_name_problem,
+)
 
 __all__ = [
     "Criterion",
@@ -398,38 +404,6 @@ def _kd_teacher_names(teacher: nn.Module) -> tuple[str, ...] | None:
     return None
 
 
-def _multi_teacher_layer_problem(
-    layer: str, names: tuple[str, ...], teacher_names: list[str]
-) -> str | None:
-    """Why ``layer`` names nothing in a model with several named teachers (``None``: it does)."""
-    if layer == "":
-        example = names[0]
-        return (
-            f"Teacher layer '' (the whole teacher) is ambiguous with several teachers "
-            f"{describe_names(names)}: name one teacher ({example!r}), a layer of one "
-            f"({example + '.<layer>'!r}), or several as a tuple, e.g. "
-            f"('', {tuple(names[:2])!r})."
-        )
-    head = layer.partition(".")[0]
-    if head not in names:
-        return unknown_name_message(
-            "teacher",
-            head,
-            names,
-            fix=f"In teacher layer {layer!r}: a teacher layer is '<teacher>' or "
-            "'<teacher>.<layer>'.",
-        )
-    if layer not in teacher_names:
-        own = [n for n in teacher_names if n == head or n.startswith(head + ".")]
-        return unknown_name_message(
-            "teacher layer",
-            layer,
-            own,
-            fix=f"It names layer {layer[len(head) + 1 :]!r} of teacher {head!r}.",
-        )
-    return None
-
-
 def _check_layers(
     student: nn.Module, teacher: nn.Module, criterion: Criterion, errors: _ConfigErrors
 ) -> None:
@@ -443,7 +417,7 @@ def _check_layers(
             errors.add(ValueError, unknown_name_message("student layer", s_name, student_names))
         for t_name in _teacher_layers(t_side):
             if names is not None:
-                problem = _multi_teacher_layer_problem(t_name, names, teacher_names)
+                problem = teacher_layer_problem(t_name, names, teacher_names)
                 if problem is not None:
                     errors.add(ValueError, problem)
             elif t_name not in known_teacher:

@@ -16,11 +16,14 @@ from typing import Any
 
 from torch import nn
 
+from ._errors import unknown_name_message
+
 __all__ = [
     "MAX_TEACHERS",
     "MAX_TEACHER_NAME_CHARS",
     "TeacherDict",
     "describe_names",
+    "teacher_layer_problem",
     "teacher_name_problem",
 ]
 
@@ -101,6 +104,48 @@ def teacher_name_problem(name: Any) -> str | None:
         return "is not a Python identifier (letters, digits and '_', not starting with a digit)"
     if name in _reserved_names():
         return "is an attribute of TeacherDict (like 'forward' or 'keys')"
+    return None
+
+
+def teacher_layer_problem(
+    layer: str, names: tuple[str, ...], teacher_names: list[str]
+) -> str | None:
+    """Why ``layer`` names no layer of several named teachers (``None``: it names one).
+
+    Args:
+        layer: A dotted name, ``"<teacher>"`` or ``"<teacher>.<layer>"``.
+        names: The teachers' names.
+        teacher_names: Every module name of the teachers' container (``named_modules``).
+
+    Returns:
+        A message for ``""`` (ambiguous: which teacher?), an unknown teacher (listing the
+        teachers) or an unknown layer (listing that teacher's layers); else ``None``.
+    """
+    if layer == "":
+        example = names[0]
+        return (
+            f"Teacher layer '' (the whole teacher) is ambiguous with several teachers "
+            f"{describe_names(names)}: name one teacher ({example!r}), a layer of one "
+            f"({example + '.<layer>'!r}), or several as a tuple, e.g. "
+            f"('', {tuple(names[:2])!r})."
+        )
+    head = layer.partition(".")[0]
+    if head not in names:
+        return unknown_name_message(
+            "teacher",
+            head,
+            names,
+            fix=f"In teacher layer {layer!r}: a teacher layer is '<teacher>' or "
+            "'<teacher>.<layer>'.",
+        )
+    if layer not in teacher_names:
+        own = [n for n in teacher_names if n == head or n.startswith(head + ".")]
+        return unknown_name_message(
+            "teacher layer",
+            layer,
+            own,
+            fix=f"It names layer {layer[len(head) + 1 :]!r} of teacher {head!r}.",
+        )
     return None
 
 
