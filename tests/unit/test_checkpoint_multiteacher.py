@@ -174,7 +174,7 @@ def test_any_teacher_that_cannot_be_rebuilt_gives_the_plain_student_and_a_warnin
     mto.add_safe_factories([make_cnn])
     student = TinyCNN(1, 8, 10)
     CALLS.clear()
-    with pytest.warns(UserWarning) as caught:
+    with pytest.warns(UserWarning, match="was not restored") as caught:
         restored = mto.restore(student, path)
     assert restored is student and type(restored) is TinyCNN
     assert CALLS == []  # nothing is called when the distillation state is not restored
