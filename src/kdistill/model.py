@@ -375,7 +375,7 @@ class DistillationModel(nn.Module):
     # ------------------------------------------------------------------ inner API
     @property
     def teacher_model(self) -> nn.Module:
-        """The frozen teacher."""
+        """The frozen teacher (a ``TeacherDict`` of the named teachers for a dict teacher)."""
         return self._kd.teacher
 
     @property

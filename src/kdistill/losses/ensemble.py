@@ -87,8 +87,8 @@ class EnsembleLogitsDistillationLoss(nn.Module):
         >>> student, big, expert = torch.randn(4, 10), torch.randn(4, 10), torch.randn(4, 10)
         >>> bool(loss(student, (big, expert)) >= 0)
         True
-        >>> float(loss(student, (student, student)))
-        0.0
+        >>> abs(float(loss(student, (student, student)))) < 1e-6  # every teacher is the student
+        True
     """
 
     def __init__(
