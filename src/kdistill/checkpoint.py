@@ -424,7 +424,8 @@ def restore(model: nn.Module, f: FileLike, teacher_model: Any = None) -> nn.Modu
         ValueError: The file is corrupt, truncated, foreign, malformed, or does not fit the
             model; ``teacher_model`` names a teacher the file does not hold. The message names
             the file; the model is left unchanged.
-        TypeError: ``teacher_model`` is a dict for a one-teacher checkpoint, or the reverse.
+        TypeError: The file holds several teachers and ``teacher_model`` is one plain teacher
+            (pass a dict ``{name: teacher}``).
         RuntimeError: ``model`` is already a DistillationModel.
 
     Example:

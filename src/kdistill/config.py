@@ -688,13 +688,15 @@ class KDLossRecord:
     def teacher_for_restore(self, teacher_model: Any = None) -> tuple[Any, str]:
         """The ``teacher_model`` to convert with, or ``None`` and why it cannot be rebuilt.
 
-        One recorded teacher: ``teacher_model`` if given, else the recorded factory if the user
-        allowed it. Several: ``teacher_model`` may be a dict (or ``TeacherDict``) giving all or
-        some of them; every other one is rebuilt from its allowed factory, and if any cannot be,
-        the result is ``None``.
+        A given ``teacher_model`` is used as it is (``convert`` then checks the criterion
+        against it), except that for several recorded teachers a dict (or ``TeacherDict``) may
+        give only some of them: every other one is rebuilt from its allowed factory, and if any
+        cannot be, the result is ``None``. Without ``teacher_model``, the recorded factories
+        are called if the user allowed them.
 
         Raises:
-            TypeError: A dict of teachers for a one-teacher record, or the reverse.
+            TypeError: Several recorded teachers, and ``teacher_model`` is neither a dict of
+                them nor a module holding named teachers (``kd_teacher_names``).
             ValueError: ``teacher_model`` names a teacher the record does not hold.
         """
         names = self.teacher_names
@@ -702,13 +704,10 @@ class KDLossRecord:
         if names is None:
             if teacher_model is None:
                 return _allowed_teacher(self.teacher)
-            if several:
-                raise TypeError(
-                    "the checkpoint holds one teacher, but `teacher_model` is a dict of "
-                    "teachers: pass the one teacher (a module, class or factory)."
-                )
             return teacher_model, ""
         if teacher_model is not None and not several:
+            if isinstance(teacher_model, nn.Module) and _kd_teacher_names(teacher_model):
+                return teacher_model, ""  # e.g. a CachedTeacher of these teachers
             raise TypeError(
                 f"the checkpoint holds the teachers {describe_names(names)}: pass "
                 "teacher_model={name: teacher} for all or some of them (the others are rebuilt "

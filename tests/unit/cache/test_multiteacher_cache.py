@@ -236,3 +236,24 @@ def test_tampered_teacher_fingerprints_are_refused(tmp_path, teachers, loader, e
     with pytest.raises(ValueError, match=match) as info:
         TeacherCache(tmp_path)
     assert str(tmp_path / "manifest.json") in str(info.value)
+
+
+def test_checkpoints_move_between_live_teachers_and_their_cache(
+    tmp_path, teachers, student, loader
+) -> None:
+    _build(teachers, loader, tmp_path / "cache", layers=["big", "big.fc2", "expert", "expert.fc"])
+    cached = CachedTeacher(tmp_path / "cache", teacher=teachers)
+    x = next(iter(loader))[1]
+    for source, target in ((teachers, cached), (cached, teachers)):
+        model = _convert(copy.deepcopy(student), source).eval()
+        mtd.save(model, tmp_path / "ckpt.pt")
+        restored = mtd.restore(copy.deepcopy(student), tmp_path / "ckpt.pt", teacher_model=target)
+        restored.eval()
+        model(x)
+        restored(x)
+        expected = model.compute_kd_loss(skip_balancer=True)
+        got = restored.compute_kd_loss(skip_balancer=True)
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+        mtd.export(model)
+        mtd.export(restored)

@@ -229,7 +229,7 @@ def test_wrong_teacher_model_at_restore_is_a_typed_error_and_changes_nothing(
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
 
 
-def test_a_dict_for_a_one_teacher_checkpoint_is_a_type_error(tmp_path):
+def test_a_dict_for_a_one_teacher_checkpoint_is_checked_like_convert(tmp_path):
     model = mto.convert(
         TinyCNN(1, 8, 10),
         mode=[
@@ -238,8 +238,10 @@ def test_a_dict_for_a_one_teacher_checkpoint_is_a_type_error(tmp_path):
     )
     path = tmp_path / "ckpt.pt"
     mto.save(model, path)
-    with pytest.raises(TypeError, match=r"holds one teacher, but `teacher_model` is a dict"):
-        mto.restore(TinyCNN(1, 8, 10), path, teacher_model={"cnn": make_cnn()})
+    student = TinyCNN(1, 8, 10)
+    with pytest.raises(ValueError, match=r"ckpt.pt: .*Teacher layer '' \(the whole teacher\) is"):
+        mto.restore(student, path, teacher_model={"cnn": make_cnn()})
+    assert type(student) is TinyCNN
 
 
 def test_restore_from_mode_state_with_several_teachers():
