@@ -29,10 +29,16 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer
 from .conversion import convert, export
 from .llm import compute_causal_lm_loss, is_causal_lm_recipe
-from .losses import LogitsDistillationLoss
+from .losses import EnsembleLogitsDistillationLoss, LogitsDistillationLoss
 from .model import LOSS_MODULES_KEY, TEACHER_KEY, DistillationModel
 
-__all__ = ["IGNORE_INDEX", "KDTrainer", "default_criterion", "next_token_mask"]
+__all__ = [
+    "IGNORE_INDEX",
+    "KDTrainer",
+    "default_criterion",
+    "default_multi_teacher_criterion",
+    "next_token_mask",
+]
 
 IGNORE_INDEX = -100
 """Label value Hugging Face models ignore in their loss (and ``KDTrainer`` in the KD loss)."""
@@ -46,6 +52,33 @@ def default_criterion() -> nn.Module:
     per target token, correct under gradient accumulation and data parallelism.
     """
     return LogitsDistillationLoss(temperature=1.0, reduction="sum")
+
+
+def default_multi_teacher_criterion(
+    teacher_names: Any,
+) -> dict[tuple[str, tuple[str, ...]], nn.Module]:
+    """The default ``KDTrainer`` criterion for several named teachers.
+
+    The forward KL to each teacher, uniformly weighted: ``Σ_k (1/K)·KL(p_k ‖ q)`` per token, as
+    one term ``{("", names): EnsembleLogitsDistillationLoss(combine="losses",
+    reduction="sum")}``, normalized by the target tokens like ``default_criterion()``.
+
+    Args:
+        teacher_names: The teachers' names, in order (e.g. ``list(teacher_model)``).
+    """
+    names = tuple(teacher_names)
+    loss = EnsembleLogitsDistillationLoss(temperature=1.0, combine="losses", reduction="sum")
+    return {("", names): loss}
+
+
+def _default_criterion_for(teacher_model: Any) -> Any:
+    """``default_criterion()``, or the multi-teacher one for a dict (or ``TeacherDict``)."""
+    names = None
+    if isinstance(teacher_model, Mapping):
+        names = tuple(teacher_model)
+    elif isinstance(teacher_model, nn.Module):  # a TeacherDict, a CachedTeacher of several
+        names = getattr(teacher_model, "kd_teacher_names", None)
+    return default_criterion() if names is None else default_multi_teacher_criterion(names)
 
 
 def next_token_mask(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -198,9 +231,12 @@ class KDTrainer(transformers.Trainer):
             ``kdistill.convert`` (then ``teacher_model``, ``criterion`` and ``loss_balancer``
             must be ``None``).
         teacher_model: The teacher: an ``nn.Module``, a class, or an importable factory (see
-            ``kdistill.convert``). Its vocabulary must match the student's for logit losses.
+            ``kdistill.convert``), or a dict ``{name: teacher}`` of several. Its vocabulary must
+            match the student's for logit losses.
         criterion: A loss or ``{(student_layer, teacher_layer): loss}``; default
-            ``default_criterion()`` (token-level forward KL).
+            ``default_criterion()`` (token-level forward KL), or for several teachers
+            ``default_multi_teacher_criterion(names)`` (the mean of the per-teacher forward
+            KLs).
         loss_balancer: Combines the student's loss and the KD losses; ``None`` trains on KD alone.
         args: The ``transformers.TrainingArguments``.
         **trainer_kwargs: Everything else ``transformers.Trainer`` takes (``train_dataset``,
@@ -255,7 +291,9 @@ class KDTrainer(transformers.Trainer):
         if not isinstance(model, DistillationModel):
             config = {
                 "teacher_model": teacher_model,
-                "criterion": default_criterion() if criterion is None else criterion,
+                "criterion": _default_criterion_for(teacher_model)
+                if criterion is None
+                else criterion,
                 "loss_balancer": loss_balancer,
             }
             # check everything (and build the teacher once) now; convert again in train()

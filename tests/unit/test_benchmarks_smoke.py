@@ -114,3 +114,14 @@ def test_bench_llm_kd_tiny(tmp_path):
     assert max(values) - min(values) <= 1e-5 + 1e-3 * max(values)
     assert all(row["time_s"] > 0 and row["peak_extra_mb"] >= 0 for row in rows.values())
     assert rows["plain"]["time_vs_plain"] == 1.0 and "memory_vs_plain" in rows["kdistill"]
+
+
+@pytest.mark.integration
+def test_bench_multiteacher_mnist_tiny(bench_script, tmp_path):
+    out = tmp_path / "multiteacher.jsonl"
+    assert bench_script("bench_multiteacher_mnist").main(["--tiny", "--output", str(out)]) == 0
+    rows = {row["variant"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"alone", "kd_demo", "kd_second", "ensemble_probs", "ensemble_losses"}
+    for row in rows.values():
+        assert len(row["test_errors"]) == 1 and 0 <= row["mean"] <= row["test_samples"]
+        assert set(row["teacher_errors"]) == {"demo", "second"}
