@@ -4,6 +4,8 @@ import dataclasses
 import io
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -486,3 +488,23 @@ def test_llm_split_tokens() -> None:
     torch.testing.assert_close(test, torch.arange(40, 48).view(2, 4))
     with pytest.raises(ValueError, match="Need 32 tokens for the budget, the text has 20"):
         split_tokens(torch.arange(20), config)
+
+
+def test_cached_teacher_checkpoint_respects_umask_and_bad_files_are_named(tmp_path: Path) -> None:
+    config = _tiny_config()
+    data = load_dataset("digits").subset(256, 150, 200)
+    old = os.umask(0o022)
+    try:
+        _, info = mnist_demo.load_or_train_teacher(
+            config, data, tmp_path, torch.device("cpu"), QUIET
+        )
+    finally:
+        os.umask(old)
+    path = Path(info["cache_file"])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # like torch.save, not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(
+        ValueError, match=r"cannot be loaded .*Delete it to train the teacher again"
+    ):
+        mnist_demo.load_or_train_teacher(config, data, tmp_path, torch.device("cpu"), QUIET)

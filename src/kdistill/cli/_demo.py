@@ -201,7 +201,9 @@ def add_parser(subparsers: Any) -> None:
     tuning.add_argument("--train-samples", type=positive_int, metavar="N")
     tuning.add_argument("--val-samples", type=positive_int, metavar="N")
     tuning.add_argument("--test-samples", type=positive_int, metavar="N")
+    tuning.add_argument("--teacher-hidden", type=_number_list(int), metavar="WIDTHS")
     tuning.add_argument("--teacher-epochs", type=positive_int, metavar="N")
+    tuning.add_argument("--student-hidden", type=_number_list(int), metavar="WIDTHS")
     tuning.add_argument("--alone-epochs", type=positive_int, metavar="N")
     tuning.add_argument("--distilled-epochs", type=positive_int, metavar="N")
     tuning.add_argument("--lr", type=positive_float, metavar="LR")
@@ -233,7 +235,9 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         "train_samples",
         "val_samples",
         "test_samples",
+        "teacher_hidden",
         "teacher_epochs",
+        "student_hidden",
         "alone_epochs",
         "distilled_epochs",
         "lr",

@@ -95,11 +95,11 @@ class LLMDemoConfig:
     student_heads: int = 4
     student_intermediate: int = 704
     seq_len: int = 128
-    batch_size: int = 8
+    batch_size: int = 4
     train_tokens: int = 8192
-    epochs: int = 6
-    val_tokens: int = 2048
-    test_tokens: int = 4096
+    epochs: int = 4
+    val_tokens: int = 1024
+    test_tokens: int = 2048
     lr: float = 2e-3
     top_k: int = 64
     temperature: float = 1.0

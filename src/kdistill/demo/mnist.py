@@ -114,13 +114,13 @@ class MnistDemoConfig:
     """
 
     preset: str = "quick"
-    teacher_hidden: tuple[int, ...] = (1200, 1200)
-    teacher_dropout: float = 0.5
-    teacher_input_dropout: float = 0.2
-    teacher_jitter: int = 2
-    teacher_epochs: int = 16
+    teacher_hidden: tuple[int, ...] = (800, 800)
+    teacher_dropout: float = 0.3
+    teacher_input_dropout: float = 0.1
+    teacher_jitter: int = 1
+    teacher_epochs: int = 12
     teacher_seed: int = 0
-    student_hidden: tuple[int, ...] = (30,)
+    student_hidden: tuple[int, ...] = (100,)
     alone_epochs: int = 20
     distilled_epochs: int = 40
     batch_size: int = 256
@@ -158,6 +158,10 @@ PRESETS: dict[str, MnistDemoConfig] = {
     # long, 784-800-800-10 student without regularization.
     "paper": MnistDemoConfig(
         preset="paper",
+        teacher_hidden=(1200, 1200),
+        teacher_dropout=0.5,
+        teacher_input_dropout=0.2,
+        teacher_jitter=2,
         teacher_epochs=100,
         student_hidden=(800, 800),
         alone_epochs=30,
@@ -196,7 +200,7 @@ TUNING_GRIDS: dict[str, TuningGrid] = {
         alone_epochs=(10, 20, 40),
         temperatures=(2.0, 4.0, 8.0, 20.0),
         kd_loss_weights=(0.5, 0.9, 1.0),
-        distilled_epochs=(20, 40, 80),
+        distilled_epochs=(20, 40),
     ),
     "paper": TuningGrid(
         lrs=(1e-3,),
@@ -345,11 +349,17 @@ def _train(
 
 
 def _atomic_save(state: dict[str, Tensor], path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a partial file."""
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a partial file.
+
+    The file is created like ``torch.save`` creates it (mode 0666 less the umask).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
         torch.save(state, tmp)
-    os.replace(tmp.name, path)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_or_train_teacher(
@@ -386,7 +396,13 @@ def load_or_train_teacher(
     info: dict[str, Any] = {"cache_key": key, "cache_file": None if path is None else str(path)}
     start = time.perf_counter()
     if path is not None and path.is_file():
-        teacher.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        try:
+            teacher.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        except Exception as error:  # unpickling or shape errors: any of them means a bad file
+            raise ValueError(
+                f"The cached teacher {str(path)!r} cannot be loaded ({type(error).__name__}): "
+                "it is corrupt or not this config's teacher. Delete it to train the teacher again."
+            ) from error
         info.update(cached=True, val_curve=None)
     else:
         jitter = config.teacher_jitter if data.in_features == 28 * 28 else 0
@@ -618,16 +634,19 @@ def _prepare(
 
 
 def _selection(config: MnistDemoConfig) -> dict[str, Any]:
-    """How the tuned fields of ``config`` were chosen: the checked-in validation sweep, or not."""
+    """How the tuned fields of ``config`` were chosen: the checked-in validation sweep, or not.
+
+    The sweep applies only to its preset as checked in (any seeds); any other field changed on
+    the command line (the student's size, the epochs, ...) is listed under ``overridden``.
+    """
     chosen = {field: getattr(config, field) for field in TUNED_FIELDS}
+    preset = PRESETS.get(config.preset)
     sweep = SELECTED.get(config.preset)
-    if sweep is not None and sweep["chosen"] == chosen:
+    unchanged = preset is not None and dataclasses.replace(config, seeds=preset.seeds) == preset
+    if sweep is not None and unchanged:
         return {"method": "validation sweep (kdistill demo --tune)", "chosen": chosen, **sweep}
-    overridden = (
-        chosen
-        if sweep is None
-        else {k: v for k, v in chosen.items() if sweep["chosen"].get(k) != v}
-    )
+    mine, theirs = dataclasses.asdict(config), dataclasses.asdict(preset or config)
+    overridden = {k: v for k, v in mine.items() if k != "seeds" and theirs[k] != v}
     return {
         "method": "given on the command line (not chosen by the checked-in validation sweep)",
         "chosen": chosen,
