@@ -203,7 +203,7 @@ def test_tuning_chooses_the_lowest_validation_errors_stage_by_stage() -> None:
     assert report["student_alone"]["val_errors"] == [best_alone["val_errors"]]
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(SELECTED))
 def test_presets_hold_the_values_their_validation_sweep_chose(preset: str) -> None:
     config = PRESETS[preset]
     assert {field: getattr(config, field) for field in TUNED_FIELDS} == SELECTED[preset]["chosen"]

@@ -121,13 +121,13 @@ class MnistDemoConfig:
     teacher_epochs: int = 12
     teacher_seed: int = 0
     student_hidden: tuple[int, ...] = (100,)
-    alone_epochs: int = 20
+    alone_epochs: int = 40
     distilled_epochs: int = 40
     batch_size: int = 256
     lr: float = 3e-3
     teacher_lr: float = 1e-3
-    temperature: float = 8.0
-    kd_loss_weight: float = 1.0
+    temperature: float = 2.0
+    kd_loss_weight: float = 0.5
     seeds: tuple[int, ...] = (0, 1, 2)
     dataset: str = "auto"
     train_samples: int | None = None
@@ -643,8 +643,13 @@ def _selection(config: MnistDemoConfig) -> dict[str, Any]:
     preset = PRESETS.get(config.preset)
     sweep = SELECTED.get(config.preset)
     unchanged = preset is not None and dataclasses.replace(config, seeds=preset.seeds) == preset
-    if sweep is not None and unchanged:
+    if unchanged and sweep is not None:
         return {"method": "validation sweep (kdistill demo --tune)", "chosen": chosen, **sweep}
+    if unchanged:
+        return {
+            "method": "the preset's values; no validation sweep is checked in for this preset",
+            "chosen": chosen,
+        }
     mine, theirs = dataclasses.asdict(config), dataclasses.asdict(preset or config)
     overridden = {k: v for k, v in mine.items() if k != "seeds" and theirs[k] != v}
     return {
