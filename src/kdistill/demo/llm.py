@@ -690,6 +690,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         ax.plot(epochs, [sum(v) / len(v) for v in by_epoch], marker="o", label=label)
         ax.fill_between(epochs, [min(v) for v in by_epoch], [max(v) for v in by_epoch], alpha=0.2)
     ax.set_yscale("log")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation perplexity ({report['val_tokens']} held-out tokens)")
     ax.set_title(f"kdistill demo llm (SmolLM2-135M teacher, {len(report['seeds'])} seeds)")

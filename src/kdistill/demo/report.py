@@ -167,6 +167,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         ax.plot(epochs, [statistics.fmean(v) for v in by_epoch], marker=".", label=label)
         ax.fill_between(epochs, [min(v) for v in by_epoch], [max(v) for v in by_epoch], alpha=0.2)
     ax.axhline(report["teacher"]["val_errors"], color="gray", linestyle="--", label="teacher")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation errors (of {report['dataset']['val_samples']})")
     ax.set_title(
