@@ -34,23 +34,28 @@ class Dataset:
         name: ``"mnist"`` or ``"digits"``.
         x_train: ``[N, D]`` float32 features in [0, 1].
         y_train: ``[N]`` int64 labels.
-        x_val: ``[V, D]`` float32 features of the validation split (for choosing settings).
-        y_val: ``[V]`` int64 labels.
         x_test: ``[M, D]`` float32 features (evaluated once, at the end).
         y_test: ``[M]`` int64 labels.
         num_classes: C, the number of classes.
         note: A sentence for the user when the data is not what was asked for (else ``""``).
+        x_val: ``[V, D]`` float32 features of the validation split (for choosing settings);
+            ``load_dataset`` always sets it (last, so the positional fields stay as before).
+        y_val: ``[V]`` int64 labels.
     """
 
     name: str
     x_train: Tensor
     y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
     x_test: Tensor
     y_test: Tensor
     num_classes: int
     note: str = ""
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.x_val is None) != (self.y_val is None):
+            raise ValueError("`x_val` and `y_val` must be given together.")
 
     @property
     def in_features(self) -> int:
@@ -64,23 +69,31 @@ class Dataset:
 
         ``None`` keeps a whole split.
         """
+        has_val = self.x_val is not None and self.y_val is not None
         return Dataset(
             self.name,
             self.x_train[:train_samples],
             self.y_train[:train_samples],
-            self.x_val[:val_samples],
-            self.y_val[:val_samples],
             self.x_test[:test_samples],
             self.y_test[:test_samples],
             self.num_classes,
             self.note,
+            self.x_val[:val_samples] if has_val else None,
+            self.y_val[:val_samples] if has_val else None,
         )
 
     def to(self, device: torch.device) -> "Dataset":
         """The same dataset with every tensor on ``device``."""
-        tensors = (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test)
         return Dataset(
-            self.name, *(t.to(device) for t in tensors), self.num_classes, note=self.note
+            self.name,
+            self.x_train.to(device),
+            self.y_train.to(device),
+            self.x_test.to(device),
+            self.y_test.to(device),
+            self.num_classes,
+            self.note,
+            None if self.x_val is None else self.x_val.to(device),
+            None if self.y_val is None else self.y_val.to(device),
         )
 
 
@@ -100,11 +113,11 @@ def _load_mnist() -> Dataset:
         name="mnist",
         x_train=torch.as_tensor(train[0], dtype=torch.float32),  # [50000, 784]
         y_train=torch.as_tensor(train[1], dtype=torch.int64),
-        x_val=torch.as_tensor(val[0], dtype=torch.float32),  # [10000, 784]
-        y_val=torch.as_tensor(val[1], dtype=torch.int64),
         x_test=torch.as_tensor(test[0], dtype=torch.float32),  # [10000, 784]
         y_test=torch.as_tensor(test[1], dtype=torch.int64),
         num_classes=10,
+        x_val=torch.as_tensor(val[0], dtype=torch.float32),  # [10000, 784]
+        y_val=torch.as_tensor(val[1], dtype=torch.int64),
     )
 
 
@@ -122,7 +135,7 @@ def _load_digits(note: str) -> Dataset:
         order[num_test : num_test + num_val],
         order[num_test + num_val :],
     )
-    return Dataset("digits", x[train], y[train], x[val], y[val], x[test], y[test], 10, note)
+    return Dataset("digits", x[train], y[train], x[test], y[test], 10, note, x[val], y[val])
 
 
 def load_dataset(name: str = "auto") -> Dataset:

@@ -603,6 +603,10 @@ def _prepare(
     A temporary cache directory (when ``cache_dir`` is None) lives as long as ``stack``.
     """
     data = load_dataset(config.dataset)
+    if data.x_val is None or data.y_val is None:
+        raise ValueError(
+            f"The {data.name!r} dataset has no validation split to choose settings on."
+        )
     data = data.subset(config.train_samples, config.val_samples, config.test_samples)
     data = data.to(torch.device(device))
     if data.note:
