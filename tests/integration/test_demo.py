@@ -326,7 +326,9 @@ def test_config_rejects_bad_values(field: str, value: object, match: str) -> Non
 
 def test_cli_reports_bad_kd_weight(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--kd-loss-weight", "2", "--no-cache"]) == 1
-    assert "`kd_loss_weight` must be in [0, 1]" in capsys.readouterr().err
+    assert "--kd-loss-weight must be in [0, 1], got 2.0." in capsys.readouterr().err
+    assert main(["demo", "--tune", "--tune-kd-loss-weights", "0.5,2", "--no-cache", "--quiet"]) == 1
+    assert "--tune-kd-loss-weights must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_teacher_cache_key_tracks_teacher_fields_only() -> None:

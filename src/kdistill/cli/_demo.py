@@ -207,7 +207,7 @@ def add_parser(subparsers: Any) -> None:
     tuning.add_argument("--alone-epochs", type=positive_int, metavar="N")
     tuning.add_argument("--distilled-epochs", type=positive_int, metavar="N")
     tuning.add_argument("--lr", type=positive_float, metavar="LR")
-    tuning.add_argument("--temperature", type=positive_float, metavar="T")
+    tuning.add_argument("--temperature", type=float, metavar="T")
     tuning.add_argument("--kd-loss-weight", type=float, metavar="W")
     grid = parser.add_argument_group("grid of --tune (default: the preset's, see RESULTS.md)")
     grid.add_argument("--tune-lrs", type=_number_list(float), metavar="LIST")
@@ -218,6 +218,14 @@ def add_parser(subparsers: Any) -> None:
 
     tasks = parser.add_subparsers(dest="task", metavar="TASK")
     _add_llm_parser(tasks)
+
+
+def _check_kd_arguments(overrides: dict[str, Any]) -> None:
+    """The command-line spelling of the two KD checks (the configs check them again)."""
+    if "temperature" in overrides and not overrides["temperature"] > 0:
+        raise CLIError(f"--temperature must be positive, got {overrides['temperature']}.")
+    if "kd_loss_weight" in overrides and not 0 <= overrides["kd_loss_weight"] <= 1:
+        raise CLIError(f"--kd-loss-weight must be in [0, 1], got {overrides['kd_loss_weight']}.")
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
@@ -246,6 +254,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     ):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    _check_kd_arguments(overrides)
     try:
         return dataclasses.replace(PRESETS[args.preset], **overrides)
     except (TypeError, ValueError) as error:
@@ -364,7 +373,7 @@ def _add_llm_parser(tasks: Any) -> None:
     llm_tuning.add_argument("--test-tokens", type=positive_int, metavar="N")
     llm_tuning.add_argument("--top-k", type=positive_int, metavar="K")
     llm_tuning.add_argument("--lr", type=positive_float, metavar="LR")
-    llm_tuning.add_argument("--temperature", type=positive_float, metavar="T")
+    llm_tuning.add_argument("--temperature", type=float, metavar="T")
     llm_tuning.add_argument("--kd-loss-weight", type=float, metavar="W")
 
 
@@ -401,6 +410,7 @@ def run_llm(args: argparse.Namespace) -> int:
     ):  # fmt: skip
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    _check_kd_arguments(overrides)
     try:
         config = dataclasses.replace(LLMDemoConfig(), **overrides)
     except (TypeError, ValueError) as error:
