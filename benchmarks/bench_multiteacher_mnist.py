@@ -48,6 +48,7 @@ from kdistill.demo.mnist import (
     default_cache_dir,
     load_or_train_teacher,
 )
+from kdistill.demo.progress import Progress
 from kdistill.demo.report import summarize
 
 VARIANTS = ("alone", "kd_demo", "kd_second", "ensemble_probs", "ensemble_losses")
@@ -75,10 +76,10 @@ def train(
     """Adam with a linear decay to 0, batches in a seeded order (the demo's schedule)."""
     generator = torch.Generator().manual_seed(seed)
     num_train = len(data.y_train)
-    total = config.student_epochs * -(-num_train // config.batch_size)
+    total = config.distilled_epochs * -(-num_train // config.batch_size)
     optimizer = torch.optim.Adam(params, lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total)
-    for _ in range(config.student_epochs):
+    for _ in range(config.distilled_epochs):
         order = torch.randperm(num_train, generator=generator)
         for start in range(0, num_train, config.batch_size):
             index = order[start : start + config.batch_size]
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             teacher_hidden=(64,),
             teacher_epochs=1,
             student_hidden=(16,),
-            student_epochs=1,
+            alone_epochs=1,
+            distilled_epochs=1,
             seeds=tuple(args.seeds[:1]),
         )
         second_hidden, cache_dir = (48,), None
@@ -174,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     second = dataclasses.replace(config, teacher_hidden=second_hidden, teacher_seed=1)
     for name, teacher_config in (("demo", config), ("second", second)):
         teacher, info = load_or_train_teacher(
-            teacher_config, data, cache_dir, torch.device("cpu"), progress=False
+            teacher_config, data, cache_dir, torch.device("cpu"), progress=Progress("off")
         )
-        teachers[name], teacher_errors[name] = teacher, info["test_errors"]
-        print(f"teacher {name}: {info['test_errors']} test errors (cached: {info['cached']})")
+        teachers[name], teacher_errors[name] = teacher, test_errors(teacher, data)
+        print(f"teacher {name}: {teacher_errors[name]} test errors (cached: {info['cached']})")
     results: dict[str, list[int]] = {variant: [] for variant in VARIANTS}
     for seed in config.seeds:
         for variant in VARIANTS:
