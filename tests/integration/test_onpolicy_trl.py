@@ -29,15 +29,15 @@ INPUTS = {
 
 
 def tokenizer():
-    """A word-level tokenizer "t0" … "t47" built in memory (no download)."""
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t1"))
+    """A word-level tokenizer "<0>" … "<47>" built in memory (no download)."""
+    vocab = {f"<{i}>": i for i in range(VOCAB)}  # no token is a substring of another
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<1>"))
     model.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=model,
-        pad_token="t0",
-        eos_token="t2",
-        unk_token="t1",
+        pad_token="<0>",
+        eos_token="<2>",
+        unk_token="<1>",
         padding_side="left",
     )
 
@@ -72,7 +72,7 @@ def trl_trainer(beta: float, temperature: float):
         max_completion_length=5,
         save_strategy="no",
     )
-    data = datasets.Dataset.from_list([{"prompt": "t3 t4 t5"}] * 3)
+    data = datasets.Dataset.from_list([{"prompt": "<3> <4> <5>"}] * 3)
     return trl.DistillationTrainer(
         model=student,
         teacher_model=teacher,

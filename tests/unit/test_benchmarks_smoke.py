@@ -114,3 +114,17 @@ def test_bench_llm_kd_tiny(tmp_path):
     assert max(values) - min(values) <= 1e-5 + 1e-3 * max(values)
     assert all(row["time_s"] > 0 and row["peak_extra_mb"] >= 0 for row in rows.values())
     assert rows["plain"]["time_vs_plain"] == 1.0 and "memory_vs_plain" in rows["kdistill"]
+
+
+@pytest.mark.integration
+def test_bench_onpolicy_tiny(tmp_path):
+    out = tmp_path / "onpolicy.jsonl"
+    stdout = _run("bench_onpolicy.py", "--tiny", "--output", str(out))
+    rows = {row["variant"]: row for row in map(json.loads, out.read_text().splitlines())}
+    # TRL is optional (a scratch venv beside the pinned torch): skipped when absent
+    trl = {"trl"} if importlib.util.find_spec("trl") else set()
+    assert set(rows) == {"kdistill"} | trl, stdout
+    for row in rows.values():
+        assert min(row["sampling_s"], row["scoring_s"], row["total_s"]) > 0
+        assert 0 < row["mean_completion_length"] <= row["completion"]
+        assert row["peak_extra_mb"] is None or row["peak_extra_mb"] >= 0
