@@ -11,11 +11,23 @@ no parameters, so a checkpoint records them by registered name and constructor a
 
 import abc
 import math
+import numbers
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, overload
 
 from torch import Tensor, nn
 
+from ._recipes import BalancerRecipe, ContractOptOut
 from ._registry import Registry
+from ._validation import (
+    MAX_SCALE,
+    check_choice,
+    check_float_list,
+    check_int,
+    check_non_negative,
+    check_positive,
+    check_unit_interval,
+)
 
 __all__ = [
     "STUDENT_LOSS_KEY",
@@ -24,20 +36,100 @@ __all__ = [
     "ScheduledLossBalancer",
     "StaticLossBalancer",
     "get_balancer",
+    "get_balancer_recipe",
     "list_balancers",
     "register_balancer",
+    "register_balancer_recipe",
 ]
 
 STUDENT_LOSS_KEY = "student_loss"
 
 BALANCERS: Registry[type[nn.Module]] = Registry("loss balancer")
+_RECIPES: dict[str, BalancerRecipe | ContractOptOut] = {}
+
+B = TypeVar("B", bound=type["DistillationLossBalancer"])
 
 
-def register_balancer(name: str, cls: type["DistillationLossBalancer"]) -> type:
-    """Register a balancer class under ``name`` (duplicates raise ``ValueError``) and return it."""
+def _register(name: str, cls: B, recipe: BalancerRecipe | ContractOptOut | None) -> B:
     if not (isinstance(cls, type) and issubclass(cls, DistillationLossBalancer)):
         raise TypeError(f"`cls` must subclass DistillationLossBalancer, got {cls!r}.")
-    return BALANCERS.register(name, cls)
+    BALANCERS.register(name, cls)
+    if recipe is not None:
+        _RECIPES[name] = recipe
+    return cls
+
+
+@overload
+def register_balancer(
+    name: str, cls: None = None, *, recipe: BalancerRecipe | ContractOptOut | None = None
+) -> Callable[[B], B]: ...
+@overload
+def register_balancer(
+    name: str, cls: B, *, recipe: BalancerRecipe | ContractOptOut | None = None
+) -> B: ...
+def register_balancer(
+    name: str, cls: B | None = None, *, recipe: BalancerRecipe | ContractOptOut | None = None
+) -> B | Callable[[B], B]:
+    """Register a balancer class under ``name``; as a decorator, or called with the class.
+
+    Like ``register_loss``: duplicates raise ``ValueError``, and ``recipe`` tells the contract
+    suite (``kdistill.testing.BalancerContract``) how to build one (a balancer without a recipe
+    fails that suite unless it opts out with ``ContractOptOut("why")``).
+
+    Args:
+        name: The name checkpoints and ``get_balancer`` use.
+        cls: A ``DistillationLossBalancer`` subclass; omit it to use this as a decorator.
+        recipe: How the contract suite builds the balancer and the loss dict it combines.
+
+    Returns:
+        ``cls``, or a decorator that registers and returns the class.
+
+    Example:
+        >>> get_balancer("static") is StaticLossBalancer
+        True
+    """
+    if recipe is not None and not isinstance(recipe, BalancerRecipe | ContractOptOut):
+        raise TypeError(
+            f"`recipe` must be a kdistill.testing.BalancerRecipe, a ContractOptOut or None, got "
+            f"{type(recipe).__name__}."
+        )
+    if cls is None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"`name` must be a non-empty string, got {name!r}.")
+
+        def decorator(cls: B) -> B:
+            return _register(name, cls, recipe)
+
+        return decorator
+    return _register(name, cls, recipe)
+
+
+def register_balancer_recipe(
+    name: str, recipe: BalancerRecipe | ContractOptOut
+) -> BalancerRecipe | ContractOptOut:
+    """Give the contract suite a recipe for a balancer registered without one; returns it.
+
+    Raises:
+        TypeError: ``recipe`` is not a ``BalancerRecipe`` or ``ContractOptOut``.
+        ValueError: ``name`` is not a registered balancer, or already has a recipe.
+    """
+    if not isinstance(recipe, BalancerRecipe | ContractOptOut):
+        raise TypeError(f"`recipe` must be a BalancerRecipe, got {type(recipe).__name__}.")
+    BALANCERS.get(name)
+    if name in _RECIPES:
+        raise ValueError(f"A balancer recipe for {name!r} is already registered.")
+    _RECIPES[name] = recipe
+    return recipe
+
+
+def get_balancer_recipe(name: str) -> BalancerRecipe | ContractOptOut | None:
+    """The contract recipe of the balancer registered under ``name`` (``None`` when none).
+
+    Raises:
+        ValueError: ``name`` is not a registered balancer.
+    """
+    BALANCERS.get(name)
+    return _RECIPES.get(name)
 
 
 def get_balancer(name: str) -> type["DistillationLossBalancer"]:
@@ -62,7 +154,13 @@ class DistillationLossBalancer(nn.Module, abc.ABC):
         self._student_loss_reduction_fn: Callable[[Tensor], Tensor] | None = None
 
     def set_student_loss_reduction_fn(self, fn: Callable[[Tensor], Tensor] | None) -> None:
-        """Set a function applied to the student loss before balancing (e.g. a masked mean)."""
+        """Set a function applied to the student loss before balancing (e.g. a masked mean).
+
+        Raises:
+            TypeError: ``fn`` is neither callable nor None.
+        """
+        if fn is not None and not callable(fn):
+            raise TypeError(f"`fn` must be a callable or None, got {type(fn).__name__}.")
         self._student_loss_reduction_fn = fn
 
     def _pop_student_loss(self, loss_dict: dict[str, Tensor]) -> tuple[Tensor | None, dict]:
@@ -78,6 +176,17 @@ class DistillationLossBalancer(nn.Module, abc.ABC):
         """Combine ``loss_dict`` into the total loss."""
 
 
+def _check_weights(name: str, value: Any, max_value: float) -> float | list[float]:
+    """One number or a non-empty list of numbers, each finite and in ``[0, max_value]``.
+
+    Returns a float for a number and a list of floats for a list (bools are refused).
+    """
+    if isinstance(value, numbers.Real):  # bools too: the shared check refuses them
+        return check_non_negative(name, value, max_value=max_value)
+    return check_float_list(name, value, non_negative=True, max_abs=max_value)
+
+
+@register_balancer("static", recipe=BalancerRecipe(lambda: StaticLossBalancer()))
 class StaticLossBalancer(DistillationLossBalancer):
     """Fixed weights: ``total = Σ wᵢ·kdᵢ + (1 − Σw)·student_loss``.
 
@@ -99,29 +208,15 @@ class StaticLossBalancer(DistillationLossBalancer):
 
     def __init__(self, kd_loss_weight: float | Sequence[float] = 0.5) -> None:
         super().__init__()
-        weights = (
-            [kd_loss_weight] if isinstance(kd_loss_weight, int | float) else list(kd_loss_weight)
-        )
-        if not weights or not all(
-            isinstance(w, int | float) and not isinstance(w, bool) for w in weights
-        ):
-            raise TypeError(
-                f"`kd_loss_weight` must be a number or a non-empty list of numbers, "
-                f"got {kd_loss_weight!r}."
-            )
-        if any(w < 0 for w in weights):
-            raise ValueError(f"`kd_loss_weight` must be non-negative, got {kd_loss_weight!r}.")
+        checked = _check_weights("kd_loss_weight", kd_loss_weight, max_value=1.0)
+        weights = checked if isinstance(checked, list) else [checked]
         if sum(weights) > 1 + 1e-9:
             raise ValueError(
                 f"`kd_loss_weight` must sum to at most 1 (the rest weighs the student loss), "
                 f"got {kd_loss_weight!r} summing to {sum(weights)}."
             )
-        self.kd_loss_weight = (
-            kd_loss_weight
-            if isinstance(kd_loss_weight, int | float)
-            else [float(w) for w in weights]
-        )
-        self._weights = [float(w) for w in weights]
+        self.kd_loss_weight = checked
+        self._weights = weights
         self._student_weight = max(0.0, 1.0 - sum(self._weights))
 
     @property
@@ -157,18 +252,10 @@ class StaticLossBalancer(DistillationLossBalancer):
         return self._weights, self._student_weight
 
 
-def _check_weight_list(value: float | Sequence[float], name: str) -> list[float]:
-    """One number or a non-empty list of non-negative numbers, as a list of floats."""
-    weights = [value] if isinstance(value, int | float) else list(value)
-    if not weights or not all(
-        isinstance(w, int | float) and not isinstance(w, bool) for w in weights
-    ):
-        raise TypeError(f"`{name}` must be a number or a non-empty list of numbers, got {value!r}.")
-    if any(w < 0 or not math.isfinite(w) for w in weights):
-        raise ValueError(f"`{name}` must be finite and non-negative, got {value!r}.")
-    return [float(w) for w in weights]
-
-
+@register_balancer(
+    "dynamic",
+    recipe=BalancerRecipe(lambda: DynamicLossBalancer(kd_loss_weight=[0.5, 2.0]), num_kd_losses=2),
+)
 class DynamicLossBalancer(DistillationLossBalancer):
     """Rescale every loss term to the magnitude of a reference term, then apply fixed weights.
 
@@ -208,27 +295,21 @@ class DynamicLossBalancer(DistillationLossBalancer):
         eps: float = 1e-12,
     ) -> None:
         super().__init__()
-        weights = _check_weight_list(kd_loss_weight, "kd_loss_weight")
-        if isinstance(student_loss_weight, bool) or not isinstance(
-            student_loss_weight, int | float
-        ):
-            raise TypeError(f"`student_loss_weight` must be a number, got {student_loss_weight!r}.")
-        _check_weight_list(student_loss_weight, "student_loss_weight")
+        self.kd_loss_weight = _check_weights("kd_loss_weight", kd_loss_weight, MAX_SCALE)
+        self.student_loss_weight = check_non_negative(
+            "student_loss_weight", student_loss_weight, max_value=MAX_SCALE
+        )
         if reference != STUDENT_LOSS_KEY and (
-            isinstance(reference, bool) or not isinstance(reference, int) or reference < 0
+            isinstance(reference, bool)
+            or not isinstance(reference, numbers.Integral)
+            or reference < 0
         ):
             raise ValueError(
                 f"`reference` must be {STUDENT_LOSS_KEY!r} or the index (int >= 0) of a KD loss in "
                 f"criterion order, got {reference!r}."
             )
-        if not isinstance(eps, int | float) or not eps > 0:
-            raise ValueError(f"`eps` must be a positive number, got {eps!r}.")
-        self.kd_loss_weight = (
-            float(kd_loss_weight) if isinstance(kd_loss_weight, int | float) else weights
-        )
-        self.student_loss_weight = float(student_loss_weight)
-        self.reference = reference
-        self.eps = float(eps)
+        self.reference = reference if reference == STUDENT_LOSS_KEY else int(reference)
+        self.eps = check_positive("eps", eps, max_value=1.0)
 
     @property
     def num_weights(self) -> int | None:
@@ -283,6 +364,15 @@ class DynamicLossBalancer(DistillationLossBalancer):
 _SCHEDULES = ("constant", "linear_warmup", "cosine")
 
 
+@register_balancer(
+    "scheduled",
+    recipe=BalancerRecipe(
+        lambda: ScheduledLossBalancer(
+            [0.3, 0.2], schedule="cosine", warmup_steps=2, total_steps=10, start_factor=0.1
+        ),
+        num_kd_losses=2,
+    ),
+)
 class ScheduledLossBalancer(StaticLossBalancer):
     """``StaticLossBalancer`` whose KD weights follow a schedule over training steps.
 
@@ -331,19 +421,14 @@ class ScheduledLossBalancer(StaticLossBalancer):
         current_step: int = 0,
     ) -> None:
         super().__init__(kd_loss_weight)
-        if schedule not in _SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {list(_SCHEDULES)}, got {schedule!r}.")
-        for name, value in (("warmup_steps", warmup_steps), ("current_step", current_step)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
-        for name, value in (("start_factor", start_factor), ("final_factor", final_factor)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-                raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
-        if schedule == "cosine" and (
-            isinstance(total_steps, bool)
-            or not isinstance(total_steps, int)
-            or total_steps <= warmup_steps
-        ):
+        schedule = check_choice("schedule", schedule, _SCHEDULES)
+        warmup_steps = check_int("warmup_steps", warmup_steps, min_value=0)
+        current_step = check_int("current_step", current_step, min_value=0)
+        start_factor = check_unit_interval("start_factor", start_factor)
+        final_factor = check_unit_interval("final_factor", final_factor)
+        if total_steps is not None:
+            total_steps = check_int("total_steps", total_steps, min_value=1)
+        if schedule == "cosine" and (total_steps is None or total_steps <= warmup_steps):
             raise ValueError(
                 f"schedule='cosine' needs `total_steps` (an int > warmup_steps={warmup_steps}), "
                 f"got {total_steps!r}."
@@ -356,8 +441,8 @@ class ScheduledLossBalancer(StaticLossBalancer):
         self.schedule = schedule
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
-        self.start_factor = float(start_factor)
-        self.final_factor = float(final_factor)
+        self.start_factor = start_factor
+        self.final_factor = final_factor
         self.current_step = current_step
 
     def get_config(self) -> dict:
@@ -394,8 +479,3 @@ class ScheduledLossBalancer(StaticLossBalancer):
         factor = self.factor
         weights = [factor * w for w in self._weights]
         return weights, max(0.0, 1.0 - sum(weights))
-
-
-register_balancer("static", StaticLossBalancer)
-register_balancer("dynamic", DynamicLossBalancer)
-register_balancer("scheduled", ScheduledLossBalancer)

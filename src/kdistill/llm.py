@@ -219,10 +219,14 @@ def compute_causal_lm_loss(
     loss_kwargs: dict[str, Any] = {"labels": labels, "mask": mask}
     if num_items_in_batch is not None:
         loss_kwargs["num_items_in_batch"] = num_items_in_batch
-    losses = model.compute_kd_loss(skip_balancer=True, **loss_kwargs)
     (loss,) = _lm_head_losses(model)
-    if loss.compute_student_loss and labels is not None:
-        losses = {STUDENT_LOSS_KEY: loss.pop_student_loss(), **losses}
+    with_ce = loss.compute_student_loss and labels is not None
+    if with_ce:  # the loss then returns (kd, ce) from the same chunks
+        loss_kwargs["return_student_loss"] = True
+    losses = model.compute_kd_loss(skip_balancer=True, **loss_kwargs)
+    if with_ce:
+        ((key, (kd, ce)),) = losses.items()
+        losses = {STUDENT_LOSS_KEY: ce, key: kd}
     if skip_balancer:
         return losses
     if model.loss_balancer is not None:

@@ -32,12 +32,27 @@ def test_student_loss_reduction_fn_is_applied():
 @pytest.mark.parametrize(
     ("weight", "error", "match"),
     [
-        (-0.1, ValueError, "non-negative"),
+        (-0.1, ValueError, "`kd_loss_weight` must be a finite number >= 0"),
         ([0.7, 0.6], ValueError, "at most 1"),
         ("0.5", TypeError, "number"),
-        ([], TypeError, "non-empty"),
+        ([], ValueError, "between 1 and"),
+        (float("nan"), ValueError, "`kd_loss_weight` must be a finite number"),
+        (float("inf"), ValueError, "`kd_loss_weight` must be a finite number"),
+        ([0.2, float("nan")], ValueError, r"`kd_loss_weight\[1\]` must be a finite number"),
+        (True, TypeError, "`kd_loss_weight` must be a number"),
+        ([0.5, False], TypeError, r"`kd_loss_weight\[1\]` must be a number"),
     ],
-    ids=["negative", "sum_above_one", "string", "empty"],
+    ids=[
+        "negative",
+        "sum_above_one",
+        "string",
+        "empty",
+        "nan",
+        "inf",
+        "nan_in_list",
+        "bool",
+        "bool_in_list",
+    ],
 )
 def test_static_balancer_validation(weight, error, match):
     with pytest.raises(error, match=match):

@@ -155,7 +155,7 @@ def test_mft_correction_puts_label_threshold_ahead():
     # teacher argmax (class 0) is wrong: after correction label 2 leads class 0 by exactly θ
     teacher = torch.tensor([[3.0, 1.0, 0.0, -1.0]])
     labels = torch.tensor([2])
-    from kdistill.losses.logits import _mft_corrected_probs
+    from kdistill.losses.mft import _mft_corrected_probs
 
     corrected = _mft_corrected_probs(torch.softmax(teacher, -1), labels, 0.3)
     assert corrected[0, 2] - corrected[0, 0] == pytest.approx(0.3, abs=1e-6)

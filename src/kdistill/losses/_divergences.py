@@ -9,6 +9,7 @@ differentiated by callers (they pass detached tensors).
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "tempered_log_probs",
     "topk_forward_kl",
     "topk_forward_kl_sparse",
     "topk_log_tail_mass",
@@ -31,6 +33,15 @@ def upcast(x: Tensor) -> Tensor:
     Loss math runs in at least float32; float64 inputs keep float64 so that ``gradcheck`` works.
     """
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def tempered_log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """``log_softmax(logits / T)`` over the last axis, in at least float32 (float64 stays).
+
+    The one softmax of every logit loss, plain and chunked. T = 1 skips the division (exact).
+    """
+    logits = upcast(logits)
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:

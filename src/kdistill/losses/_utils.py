@@ -10,6 +10,8 @@ from typing import Any, Literal, TypeAlias
 import torch
 from torch import Tensor
 
+from .._validation import check_choice
+
 __all__ = [
     "REDUCTIONS",
     "Reduction",
@@ -25,13 +27,11 @@ REDUCTIONS: tuple[str, ...] = ("batchmean", "sum", "mean", "none")
 
 
 def check_reduction(reduction: str) -> str:
-    """Validate a ``reduction`` argument at construction time."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(
-            f"`reduction` must be one of {list(REDUCTIONS)}, got {reduction!r}. "
-            "'batchmean' averages the per-position loss; 'mean' also divides by the class count."
-        )
-    return reduction
+    """Validate a ``reduction`` argument at construction time (``ValueError`` naming the choices).
+
+    ``"batchmean"`` averages the per-position loss; ``"mean"`` also divides by the class count.
+    """
+    return check_choice("reduction", reduction, REDUCTIONS)
 
 
 def extract_logits(output: Any, role: str) -> Tensor:
@@ -56,16 +56,24 @@ def extract_logits(output: Any, role: str) -> Tensor:
     )
 
 
-def check_logits_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
-    """Raise ``ValueError`` naming both shapes when student and teacher logits do not pair up."""
-    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+def check_logits_pair(
+    student_logits: Tensor, teacher_logits: Tensor, same_classes: bool = True
+) -> None:
+    """Raise ``ValueError`` naming both shapes when student and teacher logits do not pair up.
+
+    Args:
+        student_logits: ``[..., C_s]``.
+        teacher_logits: ``[..., C_t]``.
+        same_classes: Also require ``C_s == C_t`` (False for losses between vocabularies).
+    """
+    if same_classes and student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(
             f"Student and teacher class counts differ: student has {student_logits.shape[-1]} "
             f"classes (shape {tuple(student_logits.shape)}), teacher has "
             f"{teacher_logits.shape[-1]} (shape {tuple(teacher_logits.shape)}). Logit losses "
             "compare distributions over the same classes."
         )
-    if student_logits.shape != teacher_logits.shape:
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
             f"Student logits of shape {tuple(student_logits.shape)} and teacher logits of shape "
             f"{tuple(teacher_logits.shape)} differ in their leading (batch/token) dimensions."

@@ -19,6 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._recipes import LossRecipe, feature_inputs
+from .._validation import (
+    MAX_SCALE,
+    check_int,
+    check_non_negative,
+    check_positive,
+    check_unit_interval,
+)
 from ._divergences import forward_kl, upcast
 from ._registry import register_loss
 
@@ -33,12 +41,26 @@ __all__ = [
 ]
 
 
+# AttentionTransferLoss raises |A|^p: above this power float32 overflows for |A| > ~250.
+_MAX_ATTENTION_POWER = 16.0
+
+
 def _check_bchw(feats: Tensor, role: str) -> None:
     if not isinstance(feats, Tensor) or feats.dim() != 4:
         shape = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
         raise ValueError(f"MGDLoss expects {role} features of shape [B, C, H, W], got {shape}.")
 
 
+@register_loss(
+    "mgd",
+    recipe=LossRecipe(
+        lambda: MGDLoss(2, 3, lambda_mgd=0.5),
+        feature_inputs(2, 2, 3, 3, teacher_shape=(2, 3, 3, 3)),
+        kind="features",
+        zero_when_equal=False,
+        random=True,
+    ),
+)
 class MGDLoss(nn.Module):
     """Masked generative distillation on ``[B, C, H, W]`` feature maps.
 
@@ -49,9 +71,9 @@ class MGDLoss(nn.Module):
     are parameters of the loss, trained with the student and saved in ``_loss_modules``.
 
     Args:
-        num_student_channels: C of the student map.
-        num_teacher_channels: C of the teacher map.
-        alpha_mgd: Weight of the loss.
+        num_student_channels: C of the student map (an int >= 1).
+        num_teacher_channels: C of the teacher map (an int >= 1).
+        alpha_mgd: Weight of the loss, finite and >= 0.
         lambda_mgd: Probability of masking a pixel, in [0, 1].
         generator: Optional ``torch.Generator`` for reproducible masks.
     """
@@ -65,18 +87,16 @@ class MGDLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("num_student_channels", num_student_channels),
-            ("num_teacher_channels", num_teacher_channels),
-        ):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if not 0 <= lambda_mgd <= 1:
-            raise ValueError(f"`lambda_mgd` must be in [0, 1], got {lambda_mgd!r}.")
+        num_student_channels = check_int("num_student_channels", num_student_channels, min_value=1)
+        num_teacher_channels = check_int("num_teacher_channels", num_teacher_channels, min_value=1)
         self.num_student_channels = num_student_channels
         self.num_teacher_channels = num_teacher_channels
-        self.alpha_mgd = float(alpha_mgd)
-        self.lambda_mgd = float(lambda_mgd)
+        self.alpha_mgd = check_non_negative("alpha_mgd", alpha_mgd, max_value=MAX_SCALE)
+        self.lambda_mgd = check_unit_interval("lambda_mgd", lambda_mgd)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"`generator` must be a torch.Generator or None, got {type(generator).__name__}."
+            )
         self.generator = generator
         self.align: nn.Module = (
             nn.Conv2d(num_student_channels, num_teacher_channels, kernel_size=1)
@@ -184,11 +204,10 @@ class _ProjectedFeatureLoss(nn.Module):
                 f"{self._loss_name} needs both `student_dim` and `teacher_dim` for its projector "
                 f"(or neither), got student_dim={student_dim!r}, teacher_dim={teacher_dim!r}."
             )
-        for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value <= 0
-            ):
-                raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
+        if student_dim is not None:
+            student_dim = check_int("student_dim", student_dim, min_value=1)
+        if teacher_dim is not None:
+            teacher_dim = check_int("teacher_dim", teacher_dim, min_value=1)
         self.student_dim = student_dim
         self.teacher_dim = teacher_dim
         self.projector = (
@@ -229,6 +248,15 @@ class _ProjectedFeatureLoss(nn.Module):
         return upcast(student_feats), upcast(teacher_feats)
 
 
+@register_loss(
+    "hint",
+    recipe=LossRecipe(
+        lambda: HintLoss(student_dim=2, teacher_dim=3),
+        feature_inputs(2, 2, 3, 3, teacher_shape=(2, 3, 3, 3)),
+        kind="features",
+        zero_when_equal=False,
+    ),
+)
 class HintLoss(_ProjectedFeatureLoss):
     """FitNets hint loss (Romero et al., ICLR 2015, arXiv 1412.6550): ``mean((r(s) − t)²)``.
 
@@ -265,6 +293,9 @@ class HintLoss(_ProjectedFeatureLoss):
         return F.mse_loss(student, teacher)
 
 
+@register_loss(
+    "cosine", recipe=LossRecipe(lambda: CosineLoss(), feature_inputs(2, 3, 4), kind="features")
+)
 class CosineLoss(_ProjectedFeatureLoss):
     """``mean(1 − cos(r(s), t))``: cosine distance along the feature axis, averaged over positions.
 
@@ -296,6 +327,10 @@ class CosineLoss(_ProjectedFeatureLoss):
         return (1 - cosine).mean()
 
 
+@register_loss(
+    "attention_transfer",
+    recipe=LossRecipe(lambda: AttentionTransferLoss(), feature_inputs(2, 3, 3, 3), kind="features"),
+)
 class AttentionTransferLoss(nn.Module):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, arXiv 1612.03928).
 
@@ -306,14 +341,13 @@ class AttentionTransferLoss(nn.Module):
     must match. Float32 math, teacher detached, no masking.
 
     Args:
-        p: Exponent p > 0 of the attention map (the paper uses 2).
+        p: Exponent p of the attention map, > 0 and at most 16 (the paper uses 2; larger powers
+            overflow float32 for activations above about 250).
     """
 
     def __init__(self, p: float = 2.0) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, int | float) or not p > 0:
-            raise ValueError(f"`p` must be a positive number, got {p!r}.")
-        self.p = float(p)
+        self.p = check_positive("p", p, max_value=_MAX_ATTENTION_POWER)
 
     def attention(self, feats: Tensor) -> Tensor:
         """``[B, C, *spatial]`` -> L2-normalised attention ``[B, prod(spatial)]``."""
@@ -366,6 +400,7 @@ def _triplet_angles(feats: Tensor) -> Tensor:
     return torch.bmm(directions, directions.transpose(1, 2))
 
 
+@register_loss("rkd", recipe=LossRecipe(lambda: RKDLoss(), feature_inputs(4, 3), kind="features"))
 class RKDLoss(nn.Module):
     """Relational knowledge distillation (Park et al., CVPR 2019, arXiv 1904.05068).
 
@@ -377,17 +412,16 @@ class RKDLoss(nn.Module):
     the authors' code (lenscloth/RKD, MIT). Float32 math, teacher detached, needs B >= 2.
 
     Args:
-        distance_weight: Weight of the distance term (paper: 25).
-        angle_weight: Weight of the angle term (paper: 50).
+        distance_weight: Weight of the distance term, finite and >= 0 (paper: 25).
+        angle_weight: Weight of the angle term, finite and >= 0 (paper: 50).
     """
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
         super().__init__()
-        for name, value in (("distance_weight", distance_weight), ("angle_weight", angle_weight)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.")
-        self.distance_weight = float(distance_weight)
-        self.angle_weight = float(angle_weight)
+        self.distance_weight = check_non_negative(
+            "distance_weight", distance_weight, max_value=MAX_SCALE
+        )
+        self.angle_weight = check_non_negative("angle_weight", angle_weight, max_value=MAX_SCALE)
 
     def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
         """Compute the loss for ``[B, ...]`` student and teacher features."""
@@ -406,6 +440,7 @@ def _cosine_conditional_log_probs(feats: Tensor, eps: float) -> Tensor:
     return (kernel / kernel.sum(dim=1, keepdim=True)).log()
 
 
+@register_loss("pkt", recipe=LossRecipe(lambda: PKTLoss(), feature_inputs(4, 3), kind="features"))
 class PKTLoss(nn.Module):
     """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018, arXiv 1803.10837).
 
@@ -417,14 +452,12 @@ class PKTLoss(nn.Module):
     distribution, so the loss is ≥ 0. Float32 math, teacher detached, needs B >= 2.
 
     Args:
-        eps: Smoothing of the norms and the kernel.
+        eps: Smoothing of the norms and the kernel, > 0 and at most 1.
     """
 
     def __init__(self, eps: float = 1e-7) -> None:
         super().__init__()
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
-            raise ValueError(f"`eps` must be a positive number, got {eps!r}.")
-        self.eps = float(eps)
+        self.eps = check_positive("eps", eps, max_value=1.0)
 
     def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
         """Compute the loss for ``[B, ...]`` student and teacher features."""
@@ -438,6 +471,10 @@ class PKTLoss(nn.Module):
         return kl.sum() / student.shape[0] ** 2
 
 
+@register_loss(
+    "similarity_preserving",
+    recipe=LossRecipe(lambda: SimilarityPreservingLoss(), feature_inputs(4, 3), kind="features"),
+)
 class SimilarityPreservingLoss(nn.Module):
     """Similarity-preserving KD (Tung & Mori, ICCV 2019, arXiv 1907.09682).
 
@@ -455,12 +492,3 @@ class SimilarityPreservingLoss(nn.Module):
         student_sim = F.normalize(student @ student.T, dim=1)
         teacher_sim = F.normalize(teacher @ teacher.T, dim=1)
         return (teacher_sim - student_sim).pow(2).sum() / student.shape[0] ** 2
-
-
-register_loss("mgd", MGDLoss)
-register_loss("hint", HintLoss)
-register_loss("cosine", CosineLoss)
-register_loss("attention_transfer", AttentionTransferLoss)
-register_loss("rkd", RKDLoss)
-register_loss("pkt", PKTLoss)
-register_loss("similarity_preserving", SimilarityPreservingLoss)

@@ -7,11 +7,13 @@ weight and bias. Only those gradients are kept (the chunk's logits are freed bef
 chunk), so peak memory is O(chunk_size · V) rather than O(B · T · V). The design is that of the
 fused-linear chunked losses of Liger-Kernel
 (``liger_kernel/chunked_loss/fused_linear_distillation.py`` at v0.8.5, BSD-2-Clause); the code
-is kdistill's own, and every divergence formula comes from ``_divergences.py`` (the same one
-the plain logit losses use), differentiated by autograd.
+is kdistill's own. The divergence is named like the plain losses of the registry (``"jsd"``,
+``"reverse_kl"``, ...) and computed by that loss's own ``divergence`` hook
+(``LogitDivergenceLoss``), differentiated by autograd: one formula for plain and chunked.
 """
 
-import functools
+import inspect
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,24 +22,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _divergences
-from ._divergences import upcast
-from ._registry import register_loss
+from .._errors import unknown_name_message
+from .._recipes import LossRecipe
+from .._validation import MAX_SCALE, check_bool, check_choice, check_int, check_positive
+from ._divergences import tempered_log_probs, upcast
+from ._logit_loss import LogitDivergenceLoss
+from ._registry import get_loss, list_losses, register_loss
 from ._utils import extract_logits, position_mask
 
-__all__ = ["LMHeadDistillationLoss"]
+__all__ = ["DIVERGENCE_ALIASES", "LMHeadDistillationLoss"]
 
 VOCAB_ALIGNMENTS: tuple[str, ...] = ("error", "truncate")
 
-# Divergence name -> function of (student_log_probs, teacher_log_probs, ...) in _divergences.
-# ``generalized_jsd`` also takes ``beta``, ``topk_forward_kl`` takes ``k``.
-_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
-    "forward_kl": _divergences.forward_kl,
-    "reverse_kl": _divergences.reverse_kl,
-    "generalized_jsd": _divergences.generalized_jsd,
-    "total_variation": _divergences.total_variation,
-    "topk_forward_kl": _divergences.topk_forward_kl,
+# The chunked loss's own names before it used the registry's; kept working, mapped here.
+DIVERGENCE_ALIASES: dict[str, str] = {
+    "forward_kl": "logits_distillation",
+    "generalized_jsd": "jsd",
+    "total_variation": "tvd",
+    "topk_forward_kl": "topk_kl",
 }
+# Constructor arguments of the divergence losses that LMHeadDistillationLoss passes on.
+_DIVERGENCE_ARGS: tuple[str, ...] = ("alpha", "beta", "k", "threshold")
 
 # Two levels of chunking. The lm_head matmuls run on chunks of ``chunk_size`` tokens (default
 # max(256, 2**23 // V)): every chunk reads both [V, D] weights and reads and writes the [V, D]
@@ -68,15 +73,50 @@ def _check_head(head: Any, role: str) -> None:
         )
 
 
+def _divergence_names() -> list[str]:
+    """Registered losses usable as a divergence: the ``LogitDivergenceLoss`` subclasses."""
+    return [
+        name
+        for name in list_losses()
+        if isinstance(cls := get_loss(name), type) and issubclass(cls, LogitDivergenceLoss)
+    ]
+
+
+def _build_divergence(
+    name: Any, temperature: float, args: dict[str, Any]
+) -> tuple[str, LogitDivergenceLoss]:
+    """The registry name and an instance of the divergence loss ``name`` (aliases allowed)."""
+    valid = _divergence_names()
+    canonical = DIVERGENCE_ALIASES.get(name, name) if isinstance(name, str) else name
+    if canonical not in valid:
+        raise ValueError(
+            unknown_name_message("`divergence`", str(name), valid + list(DIVERGENCE_ALIASES))
+        )
+    cls = get_loss(canonical)
+    given = {key: value for key, value in args.items() if value is not None}
+    for key in given:
+        if key not in inspect.signature(cls).parameters:
+            users = [n for n in valid if key in inspect.signature(get_loss(n)).parameters]
+            raise ValueError(
+                f"`{key}` is not an argument of divergence {canonical!r} ({cls.__name__}); it is "
+                f"used by divergence {users}. Drop `{key}` or pick one of those."
+            )
+    divergence_loss = cls(temperature=temperature, **given)
+    assert isinstance(divergence_loss, LogitDivergenceLoss), "checked by _divergence_names"
+    return canonical, divergence_loss
+
+
 @dataclass(frozen=True)
 class _ChunkSpec:
     """Everything the autograd function needs besides tensors."""
 
-    divergence: Callable[[Tensor, Tensor], Tensor]
+    # per-token divergence (student_log_probs [c, V_s], teacher_log_probs [c, V_t], labels [c])
+    divergence: Callable[[Tensor, Tensor, Tensor | None], Tensor]
     temperature: float
     chunk_size: int
     sub_chunk_size: int
-    vocab_size: int  # V used for both sides (after vocab alignment)
+    student_vocab: int  # V_s used (after vocab alignment)
+    teacher_vocab: int  # V_t used (equal to V_s unless the divergence compares vocabularies)
     ignore_index: int
     need_grad_hidden: bool
     need_grad_weight: bool
@@ -93,18 +133,13 @@ def _linear(hidden: Tensor, weight: Tensor | None, bias: Tensor | None, vocab_si
     return F.linear(hidden, weight[:vocab_size], None if bias is None else bias[:vocab_size])
 
 
-def _log_probs(logits: Tensor, temperature: float) -> Tensor:
-    """``log_softmax(logits / T)`` over the vocabulary, in at least float32."""
-    logits = upcast(logits)
-    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-
-
 class _ChunkedLMHeadDistillation(torch.autograd.Function):
     """Weighted token sums of the divergence (and optionally CE), gradients computed in forward.
 
     Inputs are flattened: hidden ``[N, D_s]``/``[N, D_t]``, per-token weights ``[N]`` (mask,
-    normalization and T² folded in), CE targets ``[N]`` and CE weights ``[N]`` (or None). Returns
-    the two scalars ``(kd, ce)``; ``ce`` is 0 when no CE targets are given.
+    normalization and T² folded in), CE targets ``[N]`` and CE weights ``[N]`` (or None), and the
+    divergence's labels ``[N]`` (or None). Returns the two scalars ``(kd, ce)``; ``ce`` is 0 when
+    no CE targets are given.
     """
 
     @staticmethod
@@ -119,9 +154,10 @@ class _ChunkedLMHeadDistillation(torch.autograd.Function):
         kd_weights: Tensor,
         ce_targets: Tensor | None,
         ce_weights: Tensor | None,
+        divergence_labels: Tensor | None,
         spec: _ChunkSpec,
     ) -> tuple[Tensor, Tensor]:
-        n, vocab = hidden_s.shape[0], spec.vocab_size
+        n, vocab = hidden_s.shape[0], spec.student_vocab
         with_ce = ce_targets is not None
         acc_dtype = upcast(hidden_s[:0]).dtype
         keys = ("kd", "ce") if with_ce else ("kd",)
@@ -139,8 +175,8 @@ class _ChunkedLMHeadDistillation(torch.autograd.Function):
         for start in range(0, n, spec.chunk_size):
             rows = slice(start, min(start + spec.chunk_size, n))
             h_s = hidden_s[rows]  # [c, D_s]
-            logits_t = _linear(hidden_t[rows], weight_t, bias_t, vocab)  # [c, V]
-            logits_s = _linear(h_s, weight_s, bias_s, vocab)  # [c, V]
+            logits_t = _linear(hidden_t[rows], weight_t, bias_t, spec.teacher_vocab)  # [c, V_t]
+            logits_s = _linear(h_s, weight_s, bias_s, vocab)  # [c, V_s]
             # [c, V] gradients of each output w.r.t. the logits; the KD one reuses the student
             # logits' memory when it can (each row is read before it is overwritten)
             grad_logits = {}
@@ -162,6 +198,7 @@ class _ChunkedLMHeadDistillation(torch.autograd.Function):
                     kd_weights[token_rows],
                     None if ce_targets is None else ce_targets[token_rows],
                     None if ce_weights is None else ce_weights[token_rows],
+                    None if divergence_labels is None else divergence_labels[token_rows],
                     spec,
                     acc_dtype,
                     needs_any_grad,
@@ -217,7 +254,7 @@ class _ChunkedLMHeadDistillation(torch.autograd.Function):
             grad_weight = grad_weight.to(weight_dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 def _sub_chunk(
@@ -226,16 +263,19 @@ def _sub_chunk(
     kd_weights: Tensor,
     ce_targets: Tensor | None,
     ce_weights: Tensor | None,
+    divergence_labels: Tensor | None,
     spec: _ChunkSpec,
     acc_dtype: torch.dtype,
     needs_grad: bool,
 ) -> dict[str, tuple[Tensor, Tensor | None]]:
     """Weighted sums over ``[c', V]`` logits and their gradients w.r.t. the student logits."""
-    teacher_log_probs = _log_probs(logits_t, spec.temperature)
+    teacher_log_probs = tempered_log_probs(logits_t, spec.temperature)
     # a leaf copy in float32, so autograd stops here (and the caller may overwrite the input)
     logits = logits_s.to(acc_dtype, copy=True).requires_grad_(needs_grad)
     with torch.enable_grad():
-        per_token = spec.divergence(_log_probs(logits, spec.temperature), teacher_log_probs)
+        per_token = spec.divergence(
+            tempered_log_probs(logits, spec.temperature), teacher_log_probs, divergence_labels
+        )
         losses = {"kd": (per_token * kd_weights).sum()}
         if ce_targets is not None:
             per_token_ce = F.cross_entropy(
@@ -251,26 +291,40 @@ def _sub_chunk(
     return result
 
 
+@register_loss(
+    "lm_head_distillation",
+    # unbound (no lm_heads), the inputs are logits: the contract tests it as a logit loss
+    recipe=LossRecipe(lambda: LMHeadDistillationLoss(temperature=2.0, chunk_size=2)),
+)
 class LMHeadDistillationLoss(nn.Module):
     """Logit distillation from final hidden states, chunked so that ``[B, T, V]`` never exists.
 
     For every kept token position ``i`` it computes ``T² · D(softmax(t_i/T), softmax(s_i/T))`` with
-    ``s_i = W_s h_s,i + b_s`` and ``t_i = W_t h_t,i + b_t`` (the two lm_heads), ``D`` one of:
+    ``s_i = W_s h_s,i + b_s`` and ``t_i = W_t h_t,i + b_t`` (the two lm_heads), ``D`` the
+    per-position divergence of the registered logit loss named by ``divergence``, computed by that
+    loss's own ``divergence`` method (so the chunked value equals the plain loss on full logits):
 
-    - ``"forward_kl"``: ``KL(p_T ‖ p_S)`` (Hinton KD, the same value as ``LogitsDistillationLoss``);
+    - ``"logits_distillation"`` (alias ``"forward_kl"``): ``KL(p_T ‖ p_S)``, Hinton KD;
     - ``"reverse_kl"``: ``KL(p_S ‖ p_T)``;
-    - ``"generalized_jsd"``: GKD's ``β·KL(p_T ‖ M) + (1-β)·KL(p_S ‖ M)``, ``M = β·p_T + (1-β)·p_S``
-      (``beta`` defaults to 0.5; β = 0 and β = 1 give forward and reverse KL);
-    - ``"total_variation"``: ``½ Σ |p_T - p_S|``;
-    - ``"topk_forward_kl"``: forward KL over the teacher's top-``k`` classes plus one bucket holding
-      the remaining probability mass of each side (``k`` required).
+    - ``"jsd"`` (alias ``"generalized_jsd"``): GKD's ``β·KL(p_T ‖ M) + (1-β)·KL(p_S ‖ M)``,
+      ``M = β·p_T + (1-β)·p_S`` (``beta``, default 0.5; β = 0 and β = 1 give forward and reverse
+      KL);
+    - ``"skew_kl"`` / ``"skew_reverse_kl"``: DistiLLM's ``KL(p_T ‖ α·p_T + (1-α)·p_S)`` and
+      ``KL(p_S ‖ (1-α)·p_T + α·p_S)`` (``alpha``, default 0.1);
+    - ``"tvd"`` (alias ``"total_variation"``): ``½ Σ |p_T - p_S|``;
+    - ``"topk_kl"`` (alias ``"topk_forward_kl"``): forward KL over the teacher's top-``k`` classes
+      plus one bucket holding the remaining mass of each side (``k``, default 64);
+    - ``"dkd"``, ``"mft"``: decoupled KD (``alpha``, ``beta``) and minifinetuning
+      (``threshold``), whose targets are the (shifted) ``labels``;
+    - any other registered ``LogitDivergenceLoss`` (``available_divergences()`` lists them).
 
-    The per-token values are summed and divided by the number of kept tokens (or by
-    ``num_items_in_batch`` when given: the Hugging Face convention for gradient accumulation, where
-    each micro-batch divides by the token count of the whole accumulated batch). A position is kept
-    when ``mask`` is True there and its (shifted) label is not ``ignore_index``; an all-masked batch
-    gives 0 and zero gradients. The divergence is computed in float32 whatever the input dtype
-    (float64 inputs stay float64).
+    The result is always multiplied by T² (for ``"tvd"`` too, unlike ``TVDLoss``, which is not:
+    the chunked loss has done so since its first release). The per-token values are summed and
+    divided by the number of kept tokens (or by ``num_items_in_batch`` when given: the Hugging Face
+    convention for gradient accumulation, where each micro-batch divides by the token count of the
+    whole accumulated batch). A position is kept when ``mask`` is True there and its (shifted)
+    label is not ``ignore_index``; an all-masked batch gives 0 and zero gradients. The divergence
+    is computed in float32 whatever the input dtype (float64 inputs stay float64).
 
     Tokens are processed ``chunk_size`` at a time; each chunk's gradient (w.r.t. the student hidden
     states, lm_head weight and bias, never the teacher's) is computed right away and only the
@@ -279,6 +333,12 @@ class LMHeadDistillationLoss(nn.Module):
     be reduced per token (there is no ``reduction`` argument), its gradients are computed even if
     ``backward`` is never called, and while the student lm_head requires grad one forward allows
     one backward (``retain_graph=True`` reuse raises).
+
+    The student's next-token cross-entropy can come from the same chunks (the costly part, the
+    lm_head matmul, is shared): ``kd, ce = loss(..., labels=labels, return_student_loss=True)``.
+    ``compute_student_loss=True`` tells the integrations (``kdistill.llm.compute_causal_lm_loss``,
+    ``kdistill.hf.KDTrainer``) to ask for it; called as a plain criterion the loss returns the KD
+    scalar only.
 
     The lm_heads are *referenced*, not registered as submodules: the loss has no parameters or
     ``state_dict`` entries, so checkpoints never hold the teacher's weights (nor a second copy of
@@ -294,23 +354,27 @@ class LMHeadDistillationLoss(nn.Module):
             optional ``bias`` [V_s]), or None (inputs are logits).
         teacher_lm_head: The teacher's output projection (``weight`` [V_t, D_t]); None with
             ``student_lm_head``.
-        divergence: ``"forward_kl"``, ``"reverse_kl"``, ``"generalized_jsd"``,
-            ``"total_variation"`` or ``"topk_forward_kl"``.
-        temperature: Softmax temperature T > 0; the result is multiplied by T² (like
-            ``LogitsDistillationLoss``) so gradient magnitudes do not depend on T.
-        chunk_size: Tokens per lm_head matmul; None picks ``max(256, 2**23 // V)``.
+        divergence: The registered name of a logit divergence loss (see above), or an alias.
+        temperature: Softmax temperature T, finite, > 0 and at most 1e6; the result is multiplied
+            by T² so gradient magnitudes do not depend on T.
+        chunk_size: Tokens per lm_head matmul (an int >= 1); None picks ``max(256, 2**23 // V)``.
         ignore_index: Label value whose positions are dropped (Hugging Face uses -100).
-        beta: β of ``"generalized_jsd"`` in [0, 1]; None means 0.5. Only valid with that divergence.
-        k: Number of teacher classes of ``"topk_forward_kl"``; only valid with that divergence.
+        beta: ``beta`` of the divergence loss (``"jsd"``, ``"dkd"``); None keeps its default.
+        k: ``k`` of ``"topk_kl"``; None keeps its default.
+        alpha: ``alpha`` of the divergence loss (``"skew_kl"``, ``"skew_reverse_kl"``,
+            ``"dkd"``); None keeps its default.
+        threshold: ``threshold`` of ``"mft"``; None keeps its default. Each of ``beta``, ``k``,
+            ``alpha`` and ``threshold`` is validated by the divergence loss and must be one of
+            its constructor arguments.
         vocab_alignment: What to do when V_s ≠ V_t: ``"error"`` (default) raises, ``"truncate"``
             compares the first ``min(V_s, V_t)`` classes (the extra rows, usually padding, get no
-            gradient).
+            gradient). Divergences between different vocabularies (``same_classes = False``) use
+            both vocabularies whole.
         shift_labels: With ``labels``, the hidden state at position t is scored against the label at
             t + 1 (causal LM convention: pass the same ``labels`` as to the model); the last
             position is dropped. Set False when the labels are already shifted.
-        compute_student_loss: When True and ``labels`` are given, ``forward`` also computes the
-            student's next-token cross-entropy (temperature 1, same kept tokens and normalization)
-            from the same chunks; fetch it with ``pop_student_loss()``.
+        compute_student_loss: Whether the integrations also take the student's cross-entropy
+            from this loss (``forward(..., return_student_loss=True)``); see above.
 
     Example:
         >>> import torch
@@ -321,13 +385,18 @@ class LMHeadDistillationLoss(nn.Module):
         >>> loss.backward()
         >>> hidden_s.grad.shape, student_head.weight.grad.shape, teacher_head.weight.grad is None
         (torch.Size([2, 5, 8]), torch.Size([50, 8]), True)
+        >>> labels = torch.randint(0, 50, (2, 5))
+        >>> hidden_t = torch.randn(2, 5, 16)
+        >>> kd, ce = loss_fn(hidden_s, hidden_t, labels=labels, return_student_loss=True)
+        >>> kd.shape, ce.shape
+        (torch.Size([]), torch.Size([]))
     """
 
     def __init__(
         self,
         student_lm_head: nn.Module | None = None,
         teacher_lm_head: nn.Module | None = None,
-        divergence: str = "forward_kl",
+        divergence: str = "logits_distillation",
         temperature: float = 1.0,
         chunk_size: int | None = None,
         ignore_index: int = -100,
@@ -336,52 +405,29 @@ class LMHeadDistillationLoss(nn.Module):
         vocab_alignment: str = "error",
         shift_labels: bool = True,
         compute_student_loss: bool = False,
+        alpha: float | None = None,
+        threshold: float | None = None,
     ) -> None:
         super().__init__()
-        if divergence not in _DIVERGENCES:
-            raise ValueError(
-                f"Unknown `divergence` {divergence!r}. Available: {sorted(_DIVERGENCES)}."
-            )
-        for name, value, owner in (("beta", beta, "generalized_jsd"), ("k", k, "topk_forward_kl")):
-            if value is not None and divergence != owner:
-                raise ValueError(
-                    f"`{name}` is only used by divergence={owner!r}, got {name}={value!r} with "
-                    f"divergence={divergence!r}. Drop `{name}` or pick {owner!r}."
-                )
-        if beta is not None and (not isinstance(beta, int | float) or not 0 <= beta <= 1):
-            raise ValueError(f"`beta` must be a number in [0, 1], got {beta!r}.")
-        if divergence == "topk_forward_kl" and (
-            not isinstance(k, int) or isinstance(k, bool) or k < 1
-        ):
-            raise ValueError(
-                f"divergence='topk_forward_kl' needs `k`, a positive int (teacher classes kept), "
-                f"got k={k!r}."
-            )
-        if not isinstance(temperature, int | float) or not temperature > 0:
-            raise ValueError(f"`temperature` must be a positive number, got {temperature!r}.")
-        if chunk_size is not None and (
-            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-        ):
-            raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
-        if vocab_alignment not in VOCAB_ALIGNMENTS:
-            raise ValueError(
-                f"`vocab_alignment` must be one of {list(VOCAB_ALIGNMENTS)}, got "
-                f"{vocab_alignment!r}."
-            )
-        if not isinstance(ignore_index, int):
-            raise TypeError(f"`ignore_index` must be an int, got {type(ignore_index).__name__}.")
-        self.divergence = divergence
-        self.temperature = float(temperature)
-        self.chunk_size = chunk_size
-        self.ignore_index = ignore_index
-        self.beta = None if beta is None else float(beta)
-        self.k = k
-        self.vocab_alignment = vocab_alignment
-        self.shift_labels = bool(shift_labels)
-        self.compute_student_loss = bool(compute_student_loss)
+        self.temperature = check_positive("temperature", temperature, max_value=MAX_SCALE)
+        args = {"alpha": alpha, "beta": beta, "k": k, "threshold": threshold}
+        self.divergence, divergence_loss = _build_divergence(divergence, self.temperature, args)
+        # the loss's validated values (e.g. beta=1 -> 1.0); None where its default is used
+        for name, value in args.items():
+            setattr(self, name, None if value is None else getattr(divergence_loss, name, value))
+        # a bound method, not a submodule: the loss keeps no children, parameters or state
+        self._divergence_fn = divergence_loss.divergence
+        self._divergence_needs_labels = divergence_loss.requires_labels
+        self._same_classes = divergence_loss.same_classes
+        self.chunk_size = (
+            None if chunk_size is None else check_int("chunk_size", chunk_size, min_value=1)
+        )
+        self.ignore_index = check_int("ignore_index", ignore_index)
+        self.vocab_alignment = check_choice("vocab_alignment", vocab_alignment, VOCAB_ALIGNMENTS)
+        self.shift_labels = check_bool("shift_labels", shift_labels)
+        self.compute_student_loss = check_bool("compute_student_loss", compute_student_loss)
         # a tuple is not registered by nn.Module: the heads stay out of parameters()/state_dict()
         self._lm_heads: tuple[nn.Module, nn.Module] | None = None
-        self._student_loss: Tensor | None = None
         if (student_lm_head is None) != (teacher_lm_head is None):
             raise ValueError(
                 "Give both `student_lm_head` and `teacher_lm_head`, or neither (the inputs are "
@@ -391,6 +437,17 @@ class LMHeadDistillationLoss(nn.Module):
             self.bind_lm_heads_(student_lm_head, teacher_lm_head)
 
     # ------------------------------------------------------------------ configuration
+    @staticmethod
+    def available_divergences() -> list[str]:
+        """Registered names accepted by ``divergence`` (aliases aside: ``DIVERGENCE_ALIASES``).
+
+        Example:
+            >>> {"jsd", "reverse_kl", "skew_kl", "tvd"} <= set(
+            ...     LMHeadDistillationLoss.available_divergences())
+            True
+        """
+        return _divergence_names()
+
     def get_config(self) -> dict[str, Any]:
         """The JSON-able constructor arguments, lm_heads excluded (they are runtime objects)."""
         return {
@@ -403,6 +460,8 @@ class LMHeadDistillationLoss(nn.Module):
             "vocab_alignment": self.vocab_alignment,
             "shift_labels": self.shift_labels,
             "compute_student_loss": self.compute_student_loss,
+            "alpha": self.alpha,
+            "threshold": self.threshold,
         }
 
     def extra_repr(self) -> str:
@@ -418,7 +477,7 @@ class LMHeadDistillationLoss(nn.Module):
         """
         _check_head(student_lm_head, "student")
         _check_head(teacher_lm_head, "teacher")
-        self._vocab_size(student_lm_head.weight.shape[0], teacher_lm_head.weight.shape[0])
+        self._vocab_sizes(student_lm_head.weight.shape[0], teacher_lm_head.weight.shape[0])
         self._lm_heads = (student_lm_head, teacher_lm_head)
 
     @property
@@ -431,21 +490,6 @@ class LMHeadDistillationLoss(nn.Module):
         """The teacher's lm_head (not a registered submodule), or None when unbound."""
         return None if self._lm_heads is None else self._lm_heads[1]
 
-    def pop_student_loss(self) -> Tensor:
-        """Return (and forget) the student cross-entropy computed by the last ``forward``.
-
-        Raises:
-            RuntimeError: The last forward computed none (``compute_student_loss=False``, no
-                ``labels``, or it was already popped).
-        """
-        loss, self._student_loss = self._student_loss, None
-        if loss is None:
-            raise RuntimeError(
-                "No student loss available: construct the loss with compute_student_loss=True and "
-                "pass `labels` to forward (once per pop_student_loss() call)."
-            )
-        return loss
-
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -455,8 +499,9 @@ class LMHeadDistillationLoss(nn.Module):
         labels: Tensor | None = None,
         mask: Tensor | None = None,
         num_items_in_batch: int | Tensor | None = None,
-    ) -> Tensor:
-        """Compute the distillation loss (and the student CE when configured).
+        return_student_loss: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Compute the distillation loss (and, when asked, the student's cross-entropy).
 
         Args:
             student_hidden: ``[..., T, D_s]`` final hidden states (after the final norm), or a
@@ -466,13 +511,30 @@ class LMHeadDistillationLoss(nn.Module):
             labels: ``[..., T]`` token ids; positions whose (shifted) label is ``ignore_index`` are
                 dropped. With ``shift_labels`` the last position is dropped too.
             mask: ``[..., T]`` bool aligned with the hidden states; True keeps a position.
-            num_items_in_batch: Divide the token sum by this (global kept-token count) instead of
-                the kept tokens of this call.
+            num_items_in_batch: Divide the token sum by this (global kept-token count: a number
+                or a one-element tensor, finite and > 0) instead of the kept tokens of this call.
+                A tensor is read once on the host to check it.
+            return_student_loss: Also return the student's next-token cross-entropy
+                (temperature 1, same kept tokens and normalization) from the same chunks;
+                needs ``labels``.
 
         Returns:
-            A scalar, float32 (float64 for float64 inputs).
+            The KD loss, a scalar (float32; float64 for float64 inputs); with
+            ``return_student_loss=True`` the pair ``(kd, ce)``.
+
+        Raises:
+            ValueError: Shapes that do not fit the heads or each other, vocabulary sizes that
+                differ, missing ``labels`` where they are needed, or a bad
+                ``num_items_in_batch``.
         """
-        self._student_loss = None
+        return_student_loss = check_bool("return_student_loss", return_student_loss)
+        if labels is None and (return_student_loss or self._divergence_needs_labels):
+            why = (
+                "`return_student_loss=True` (the cross-entropy targets)"
+                if return_student_loss
+                else f"divergence {self.divergence!r} (its target classes)"
+            )
+            raise ValueError(f"LMHeadDistillationLoss needs `labels` for {why}.")
         hidden_s = extract_logits(student_hidden, "student")
         hidden_t = extract_logits(teacher_hidden, "teacher").detach()
         weight_s = bias_s = weight_t = bias_t = None
@@ -481,9 +543,9 @@ class LMHeadDistillationLoss(nn.Module):
             weight_s, bias_s = student_head.weight, getattr(student_head, "bias", None)
             weight_t, bias_t = teacher_head.weight.detach(), getattr(teacher_head, "bias", None)
             bias_t = None if bias_t is None else bias_t.detach()
-            vocab = self._vocab_size(weight_s.shape[0], weight_t.shape[0])
+            vocab_s, vocab_t = self._vocab_sizes(weight_s.shape[0], weight_t.shape[0])
         else:
-            vocab = self._vocab_size(hidden_s.shape[-1], hidden_t.shape[-1])
+            vocab_s, vocab_t = self._vocab_sizes(hidden_s.shape[-1], hidden_t.shape[-1])
         self._check_shapes(hidden_s, hidden_t, weight_s, weight_t)
         if labels is not None and self.shift_labels:
             if hidden_s.ndim < 3:
@@ -497,14 +559,19 @@ class LMHeadDistillationLoss(nn.Module):
         positions = hidden_s.shape[:-1]
         keep = position_mask(positions, mask, labels, self.ignore_index)
         weights = self._token_weights(keep, positions, hidden_s.device, num_items_in_batch)
-        with_ce = self.compute_student_loss and labels is not None
+        flat_labels = None if labels is None else labels.reshape(-1)  # [N]
+        divergence_labels = None
+        if self._divergence_needs_labels and flat_labels is not None:
+            # dropped positions get class 0: their weight is 0, any valid class will do
+            divergence_labels = flat_labels.masked_fill(flat_labels == self.ignore_index, 0)
         grad_on = torch.is_grad_enabled()
         spec = _ChunkSpec(
-            divergence=self._divergence_fn(),
+            divergence=self._divergence_fn,
             temperature=self.temperature,
-            chunk_size=self.chunk_size or max(_MIN_CHUNK_TOKENS, _LOGITS_PER_CHUNK // vocab),
-            sub_chunk_size=max(_MIN_SUB_CHUNK_TOKENS, _LOGITS_PER_SUB_CHUNK // vocab),
-            vocab_size=vocab,
+            chunk_size=self.chunk_size or max(_MIN_CHUNK_TOKENS, _LOGITS_PER_CHUNK // vocab_s),
+            sub_chunk_size=max(_MIN_SUB_CHUNK_TOKENS, _LOGITS_PER_SUB_CHUNK // vocab_s),
+            student_vocab=vocab_s,
+            teacher_vocab=vocab_t,
             ignore_index=self.ignore_index,
             need_grad_hidden=grad_on and hidden_s.requires_grad,
             need_grad_weight=grad_on and weight_s is not None and weight_s.requires_grad,
@@ -518,16 +585,17 @@ class LMHeadDistillationLoss(nn.Module):
             weight_t,
             bias_t,
             weights * self.temperature**2,
-            labels.reshape(-1) if with_ce else None,  # [N]
-            weights if with_ce else None,
+            flat_labels if return_student_loss else None,
+            weights if return_student_loss else None,
+            divergence_labels,
             spec,
         )
-        if with_ce:
-            self._student_loss = ce
-        return kd
+        return (kd, ce) if return_student_loss else kd
 
-    def _vocab_size(self, student_vocab: int, teacher_vocab: int) -> int:
-        """The compared vocabulary size, or ``ValueError`` naming both sizes."""
+    def _vocab_sizes(self, student_vocab: int, teacher_vocab: int) -> tuple[int, int]:
+        """The compared vocabulary sizes ``(V_s, V_t)``, or ``ValueError`` naming both sizes."""
+        if not self._same_classes:
+            return student_vocab, teacher_vocab
         if student_vocab != teacher_vocab and self.vocab_alignment == "error":
             raise ValueError(
                 f"Student and teacher vocabulary sizes differ: student V={student_vocab}, "
@@ -535,15 +603,8 @@ class LMHeadDistillationLoss(nn.Module):
                 "are padding, pass vocab_alignment='truncate' to compare the first "
                 f"{min(student_vocab, teacher_vocab)} classes."
             )
-        return min(student_vocab, teacher_vocab)
-
-    def _divergence_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
-        fn = _DIVERGENCES[self.divergence]
-        if self.divergence == "generalized_jsd":
-            return functools.partial(fn, beta=0.5 if self.beta is None else self.beta)
-        if self.divergence == "topk_forward_kl":
-            return functools.partial(fn, k=self.k)
-        return fn
+        common = min(student_vocab, teacher_vocab)
+        return common, common
 
     def _check_shapes(
         self,
@@ -584,23 +645,25 @@ class LMHeadDistillationLoss(nn.Module):
         kept = torch.ones(positions, device=device) if keep is None else keep.float()
         if num_items_in_batch is None:
             count = kept.sum().clamp(min=1)
-        elif isinstance(num_items_in_batch, Tensor):
-            count = num_items_in_batch.to(device=device, dtype=torch.float32)
-        elif isinstance(num_items_in_batch, int | float) and not isinstance(
-            num_items_in_batch, bool
-        ):
-            if not num_items_in_batch > 0:
-                raise ValueError(
-                    f"`num_items_in_batch` must be positive (the number of kept tokens in the "
-                    f"whole accumulated batch), got {num_items_in_batch!r}."
-                )
-            count = torch.tensor(float(num_items_in_batch), device=device)
         else:
-            raise TypeError(
-                f"`num_items_in_batch` must be an int, a tensor or None, got "
-                f"{type(num_items_in_batch).__name__}."
-            )
+            count = _check_num_items(num_items_in_batch).to(device=device, dtype=torch.float32)
         return (kept / count).reshape(-1)
 
 
-register_loss("lm_head_distillation", LMHeadDistillationLoss)
+def _check_num_items(value: Any) -> Tensor:
+    """``num_items_in_batch`` as a tensor, checked: a real number (not a bool), finite, > 0."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(
+                f"`num_items_in_batch` must be a number or a one-element real tensor, got a "
+                f"{value.dtype} tensor of shape {tuple(value.shape)}."
+            )
+        # one host read per call (it syncs an accelerator): a count of 0 would silently give inf
+        check_positive("num_items_in_batch", value.item())
+        return value.reshape(())
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(
+            f"`num_items_in_batch` must be a number, a one-element tensor or None, got "
+            f"{type(value).__name__} {value!r}."
+        )
+    return torch.tensor(check_positive("num_items_in_batch", value))

@@ -3,11 +3,15 @@
 ``LossContract(name)`` checks one registered loss against the properties every kdistill loss
 promises (finite on extreme and half-precision inputs, zero and non-negative where the math says
 so, invariant to a constant added to logits, masking that changes nothing, float64 ``gradcheck``,
-a detached teacher, save/restore of config and parameters). ``BalancerContract(name)`` does the
-same for balancers. The tests parametrize over ``list_losses()`` / ``list_balancers()``, so
-registering a loss is enough to get it tested; a loss that needs special inputs (labels, BCHW
-features, projector sizes) also registers a small ``LossRecipe`` with ``register_loss_recipe``.
-A loss without a recipe is tried as a plain logit loss built with its default arguments.
+a detached teacher, save/restore of config and parameters, construction on the ``meta`` device).
+``BalancerContract(name)`` does the same for balancers. The tests parametrize over
+``list_losses()`` / ``list_balancers()``, so registering a loss is enough to get it tested.
+
+Each loss declares how to build a small instance of it where it is registered:
+``@register_loss("jsd", recipe=LossRecipe(...))`` (or later, ``register_loss_recipe``). A loss
+registered without a recipe is not guessed at: ``LossContract`` raises a ``ValueError`` saying
+how to add one. A loss the generic contract cannot test opts out, visibly, with
+``recipe=ContractOptOut("why")``.
 
 Failures raise ``AssertionError`` with a message naming the loss and the property. No pytest
 import: plugin authors can run the contract from any test framework.
@@ -16,50 +20,40 @@ import: plugin authors can run the contract from any test framework.
 import copy
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
+from .._recipes import (
+    BalancerRecipe,
+    ContractOptOut,
+    LossInputs,
+    LossRecipe,
+    feature_inputs,
+    labelled_logit_inputs,
+    logit_inputs,
+)
 from .._serialization import build_object, describe_object
 from ..balancers import (
     BALANCERS,
     STUDENT_LOSS_KEY,
-    DistillationLossBalancer,
-    DynamicLossBalancer,
-    ScheduledLossBalancer,
-    get_balancer,
+    get_balancer_recipe,
+    register_balancer_recipe,
 )
-from ..losses._registry import LOSSES, get_loss
-from ..losses.features import (
-    AttentionTransferLoss,
-    CosineLoss,
-    HintLoss,
-    MGDLoss,
-    PKTLoss,
-    RKDLoss,
-    SimilarityPreservingLoss,
-)
-from ..losses.logits import (
-    DKDLoss,
-    JSDLoss,
-    LogitsDistillationLoss,
-    MFTLoss,
-    ReverseKLLoss,
-    SkewKLLoss,
-    SkewReverseKLLoss,
-    TopKLogitsKLLoss,
-    TVDLoss,
-)
+from ..losses._registry import LOSSES, get_loss_recipe, register_loss_recipe
 
 __all__ = [
     "BalancerContract",
     "BalancerRecipe",
+    "ContractOptOut",
     "LossContract",
     "LossInputs",
     "LossRecipe",
     "balancer_recipe",
+    "feature_inputs",
+    "labelled_logit_inputs",
+    "logit_inputs",
     "loss_recipe",
     "register_balancer_recipe",
     "register_loss_recipe",
@@ -70,92 +64,28 @@ EXTREME = 1e4
 ZERO_TOL = 1e-5
 
 
-@dataclass(frozen=True)
-class LossInputs:
-    """Inputs of one loss call: ``loss(student, teacher, labels=labels)``.
+def loss_recipe(name: str) -> LossRecipe | ContractOptOut:
+    """The contract recipe registered with the loss ``name`` (or its opt-out).
 
-    Attributes:
-        student: Student logits ``[B, T, C]`` or features.
-        teacher: Teacher logits or features.
-        labels: Optional integer labels ``[B, T]`` (logit losses that need them).
+    Raises:
+        ValueError: ``name`` is not a registered loss, or was registered without a recipe.
     """
-
-    student: Tensor
-    teacher: Tensor
-    labels: Tensor | None = None
-
-    def map(self, fn: Callable[[Tensor], Tensor]) -> "LossInputs":
-        """Apply ``fn`` to the student and teacher tensors (labels unchanged)."""
-        return replace(self, student=fn(self.student), teacher=fn(self.teacher))
-
-
-def _logit_inputs(generator: torch.Generator) -> LossInputs:
-    student = torch.randn(2, 3, 5, generator=generator)
-    return LossInputs(student, torch.randn(2, 3, 5, generator=generator))
-
-
-def _labelled_logit_inputs(generator: torch.Generator) -> LossInputs:
-    inputs = _logit_inputs(generator)
-    return replace(inputs, labels=torch.randint(0, 5, (2, 3), generator=generator))
-
-
-def _feature_inputs(
-    *student_shape: int, teacher_shape: tuple[int, ...] | None = None
-) -> Callable[[torch.Generator], LossInputs]:
-    """Random feature inputs of the given shapes (teacher shape defaults to the student's)."""
-
-    def make(generator: torch.Generator) -> LossInputs:
-        student = torch.randn(*student_shape, generator=generator)
-        teacher = torch.randn(*(teacher_shape or student_shape), generator=generator)
-        return LossInputs(student, teacher)
-
-    return make
-
-
-@dataclass(frozen=True)
-class LossRecipe:
-    """How the contract builds a small instance of a loss and inputs for it.
-
-    Attributes:
-        make_loss: Zero-argument callable returning a fresh loss instance (logit losses with
-            their default ``"batchmean"`` reduction: the masking check compares against the
-            loss over the kept positions).
-        make_inputs: ``generator -> LossInputs``: small float32 inputs (logit losses:
-            ``[B, T, C]`` with labels ``[B, T]`` when needed).
-        kind: ``"logits"`` (also checks shift invariance and masking) or ``"features"``.
-        zero_when_equal: The loss is 0 when the student input equals the teacher input.
-        non_negative: The loss is never negative.
-        random: The loss draws random numbers; the contract reseeds the global RNG before each
-            call it compares.
-    """
-
-    make_loss: Callable[[], nn.Module]
-    make_inputs: Callable[[torch.Generator], LossInputs] = _logit_inputs
-    kind: Literal["logits", "features"] = "logits"
-    zero_when_equal: bool = True
-    non_negative: bool = True
-    random: bool = False
-
-
-_LOSS_RECIPES: dict[str, LossRecipe] = {}
-
-
-def register_loss_recipe(name: str, recipe: LossRecipe) -> LossRecipe:
-    """Tell the contract how to test the loss registered under ``name``; returns ``recipe``."""
-    if not isinstance(recipe, LossRecipe):
-        raise TypeError(f"`recipe` must be a LossRecipe, got {type(recipe).__name__}.")
-    if name in _LOSS_RECIPES:
-        raise ValueError(f"A loss recipe for {name!r} is already registered.")
-    _LOSS_RECIPES[name] = recipe
+    recipe = get_loss_recipe(name)
+    if recipe is None:
+        raise ValueError(
+            f"Loss {name!r} is registered without a contract recipe, so the contract suite "
+            f"cannot test it. Declare one where it is registered: "
+            f"@register_loss({name!r}, recipe=LossRecipe(lambda: MyLoss(...), ...)), or call "
+            f"kdistill.testing.register_loss_recipe({name!r}, LossRecipe(...)). If the generic "
+            "contract cannot apply, opt out with recipe=ContractOptOut('why')."
+        )
     return recipe
 
 
-def loss_recipe(name: str) -> LossRecipe:
-    """The recipe registered for ``name``, or the default plain-logit-loss recipe."""
-    if name in _LOSS_RECIPES:
-        return _LOSS_RECIPES[name]
-    cls = get_loss(name)
-    return LossRecipe(make_loss=cls)
+def _off_meta_tensors(module: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``module`` that are *not* on the meta device."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return [name for name, tensor in tensors if not tensor.is_meta]
 
 
 def _seeded(fn: Callable[[], Tensor], random: bool) -> Tensor:
@@ -173,6 +103,9 @@ class LossContract:
     Args:
         name: A registered loss name.
         recipe: Overrides the registered recipe (used to test the contract itself).
+
+    Raises:
+        ValueError: ``name`` is not registered, has no recipe, or opted out of the contract.
 
     Example:
         >>> contract = LossContract("jsd")
@@ -192,11 +125,18 @@ class LossContract:
         "gradcheck",
         "teacher_gets_no_grad",
         "save_restore",
+        "builds_on_meta",
     )
 
     def __init__(self, name: str, recipe: LossRecipe | None = None) -> None:
         self.name = name
-        self.recipe = recipe if recipe is not None else loss_recipe(name)
+        found = recipe if recipe is not None else loss_recipe(name)
+        if isinstance(found, ContractOptOut):
+            raise ValueError(
+                f"Loss {name!r} opted out of the contract suite: {found.reason} (check with "
+                "kdistill.testing.loss_recipe(name) before building a contract)."
+            )
+        self.recipe = found
 
     def applicable_checks(self) -> list[str]:
         """The checks that apply to this loss (per its recipe)."""
@@ -375,88 +315,35 @@ class LossContract:
         if not torch.equal(got, expected):
             raise self._fail("save_restore", f"{got.item()} after restore vs {expected.item()}")
 
+    def check_builds_on_meta(self) -> None:
+        """Built under ``torch.device("meta")``, every parameter and buffer is on meta.
 
-register_loss_recipe(
-    "logits_distillation", LossRecipe(lambda: LogitsDistillationLoss(temperature=2.0))
-)
-register_loss_recipe(
-    "mft",
-    LossRecipe(lambda: MFTLoss(temperature=2.0), _labelled_logit_inputs, zero_when_equal=False),
-)
-register_loss_recipe("reverse_kl", LossRecipe(lambda: ReverseKLLoss(temperature=2.0)))
-register_loss_recipe("jsd", LossRecipe(lambda: JSDLoss(beta=0.3, temperature=2.0)))
-register_loss_recipe("skew_kl", LossRecipe(lambda: SkewKLLoss(alpha=0.1, temperature=2.0)))
-register_loss_recipe(
-    "skew_reverse_kl", LossRecipe(lambda: SkewReverseKLLoss(alpha=0.1, temperature=2.0))
-)
-register_loss_recipe("tvd", LossRecipe(lambda: TVDLoss(temperature=2.0)))
-register_loss_recipe("dkd", LossRecipe(DKDLoss, _labelled_logit_inputs))
-register_loss_recipe("topk_kl", LossRecipe(lambda: TopKLogitsKLLoss(k=3, temperature=2.0)))
-register_loss_recipe(
-    "mgd",
-    LossRecipe(
-        lambda: MGDLoss(2, 3, lambda_mgd=0.5),
-        _feature_inputs(2, 2, 3, 3, teacher_shape=(2, 3, 3, 3)),
-        kind="features",
-        zero_when_equal=False,
-        random=True,
-    ),
-)
-register_loss_recipe(
-    "hint",
-    LossRecipe(
-        lambda: HintLoss(student_dim=2, teacher_dim=3),
-        _feature_inputs(2, 2, 3, 3, teacher_shape=(2, 3, 3, 3)),
-        kind="features",
-        zero_when_equal=False,
-    ),
-)
-register_loss_recipe("cosine", LossRecipe(CosineLoss, _feature_inputs(2, 3, 4), kind="features"))
-register_loss_recipe(
-    "attention_transfer",
-    LossRecipe(AttentionTransferLoss, _feature_inputs(2, 3, 3, 3), kind="features"),
-)
-register_loss_recipe("rkd", LossRecipe(RKDLoss, _feature_inputs(4, 3), kind="features"))
-register_loss_recipe("pkt", LossRecipe(PKTLoss, _feature_inputs(4, 3), kind="features"))
-register_loss_recipe(
-    "similarity_preserving",
-    LossRecipe(SimilarityPreservingLoss, _feature_inputs(4, 3), kind="features"),
-)
+        ``restore`` builds losses on the meta device first (no memory), compares their parameter
+        shapes with the checkpoint, and only then builds them for real.
+        """
+        with torch.device("meta"):
+            loss = self.recipe.make_loss()
+        real = _off_meta_tensors(loss)
+        if real:
+            raise self._fail("builds_on_meta", f"tensors {real} were allocated off the meta device")
 
 
-@dataclass(frozen=True)
-class BalancerRecipe:
-    """How the contract builds a balancer and the loss dict it combines.
+def balancer_recipe(name: str) -> BalancerRecipe | ContractOptOut:
+    """The contract recipe registered with the balancer ``name`` (or its opt-out).
 
-    Attributes:
-        make_balancer: Zero-argument callable returning a fresh balancer.
-        num_kd_losses: How many KD losses the balancer expects.
-        with_student_loss: Whether the loss dict holds a ``"student_loss"``.
+    Raises:
+        ValueError: ``name`` is not a registered balancer, or was registered without a recipe.
     """
-
-    make_balancer: Callable[[], DistillationLossBalancer]
-    num_kd_losses: int = 1
-    with_student_loss: bool = True
-
-
-_BALANCER_RECIPES: dict[str, BalancerRecipe] = {}
-
-
-def register_balancer_recipe(name: str, recipe: BalancerRecipe) -> BalancerRecipe:
-    """Tell the contract how to test the balancer registered under ``name``."""
-    if not isinstance(recipe, BalancerRecipe):
-        raise TypeError(f"`recipe` must be a BalancerRecipe, got {type(recipe).__name__}.")
-    if name in _BALANCER_RECIPES:
-        raise ValueError(f"A balancer recipe for {name!r} is already registered.")
-    _BALANCER_RECIPES[name] = recipe
+    recipe = get_balancer_recipe(name)
+    if recipe is None:
+        raise ValueError(
+            f"Balancer {name!r} is registered without a contract recipe, so the contract suite "
+            f"cannot test it. Declare one where it is registered: "
+            f"@register_balancer({name!r}, recipe=BalancerRecipe(lambda: MyBalancer(...))), or "
+            f"call kdistill.testing.register_balancer_recipe({name!r}, BalancerRecipe(...)). If "
+            "the generic contract cannot apply, opt out with recipe=ContractOptOut('why')."
+        )
     return recipe
-
-
-def balancer_recipe(name: str) -> BalancerRecipe:
-    """The recipe registered for ``name``, or the default (no arguments, one KD loss)."""
-    if name in _BALANCER_RECIPES:
-        return _BALANCER_RECIPES[name]
-    return BalancerRecipe(make_balancer=get_balancer(name))
 
 
 class BalancerContract:
@@ -465,6 +352,9 @@ class BalancerContract:
     Args:
         name: A registered balancer name.
         recipe: Overrides the registered recipe.
+
+    Raises:
+        ValueError: ``name`` is not registered, has no recipe, or opted out of the contract.
     """
 
     CHECKS: tuple[str, ...] = (
@@ -472,11 +362,18 @@ class BalancerContract:
         "gradient_reaches_losses",
         "no_parameters",
         "save_restore",
+        "builds_on_meta",
     )
 
     def __init__(self, name: str, recipe: BalancerRecipe | None = None) -> None:
         self.name = name
-        self.recipe = recipe if recipe is not None else balancer_recipe(name)
+        found = recipe if recipe is not None else balancer_recipe(name)
+        if isinstance(found, ContractOptOut):
+            raise ValueError(
+                f"Balancer {name!r} opted out of the contract suite: {found.reason} (check with "
+                "kdistill.testing.balancer_recipe(name) before building a contract)."
+            )
+        self.recipe = found
 
     def run(self, check: str) -> None:
         """Run one check by name (see ``CHECKS``)."""
@@ -530,17 +427,10 @@ class BalancerContract:
         if type(rebuilt) is not type(balancer) or not torch.equal(got, expected):
             raise self._fail("save_restore", f"{got} after restore vs {expected}")
 
-
-register_balancer_recipe(
-    "dynamic",
-    BalancerRecipe(lambda: DynamicLossBalancer(kd_loss_weight=[0.5, 2.0]), num_kd_losses=2),
-)
-register_balancer_recipe(
-    "scheduled",
-    BalancerRecipe(
-        lambda: ScheduledLossBalancer(
-            [0.3, 0.2], schedule="cosine", warmup_steps=2, total_steps=10, start_factor=0.1
-        ),
-        num_kd_losses=2,
-    ),
-)
+    def check_builds_on_meta(self) -> None:
+        """Built under ``torch.device("meta")``, the balancer holds no real tensor."""
+        with torch.device("meta"):
+            balancer = self.recipe.make_balancer()
+        real = _off_meta_tensors(balancer)
+        if real:
+            raise self._fail("builds_on_meta", f"tensors {real} were allocated off the meta device")

@@ -1,6 +1,7 @@
 """LMHeadDistillationLoss against the plain (unchunked) computation in float64."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ from torch import nn
 
 import kdistill as mtd
 from kdistill._serialization import build_object, describe_object
+from kdistill.losses import LogitDivergenceLoss
 from kdistill.losses._registry import LOSSES
+from kdistill.losses.lm_head import DIVERGENCE_ALIASES
 
 B, T, D_S, D_T, V = 2, 7, 6, 10, 23
 DIVERGENCES = ["forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "topk_forward_kl"]
@@ -253,8 +256,7 @@ def test_bf16_inputs_close_to_float64_reference():
 def test_student_cross_entropy_from_the_same_chunks():
     head_s, head_t, hidden_s, hidden_t, labels = make_case()
     loss_fn = mtd.LMHeadDistillationLoss(head_s, head_t, chunk_size=3, compute_student_loss=True)
-    kd = loss_fn(hidden_s, hidden_t, labels=labels)
-    ce = loss_fn.pop_student_loss()
+    kd, ce = loss_fn(hidden_s, hidden_t, labels=labels, return_student_loss=True)
     logits = head_s(hidden_s)[:, :-1]
     expected_ce = F.cross_entropy(logits.reshape(-1, V), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(ce, expected_ce)
@@ -264,8 +266,14 @@ def test_student_cross_entropy_from_the_same_chunks():
         grads(total, hidden_s, head_s), grads(expected_total, hidden_s, head_s), strict=True
     ):
         torch.testing.assert_close(g, e.float())
-    with pytest.raises(RuntimeError, match="No student loss available"):
-        loss_fn.pop_student_loss()
+    # as a plain criterion the same loss returns the KD scalar alone, equal to the pair's
+    alone = loss_fn(hidden_s, hidden_t, labels=labels)
+    assert isinstance(alone, torch.Tensor) and alone.dim() == 0
+    torch.testing.assert_close(alone, kd)
+    with pytest.raises(ValueError, match=r"needs `labels` for `return_student_loss=True`"):
+        loss_fn(hidden_s, hidden_t, return_student_loss=True)
+    with pytest.raises(TypeError, match="`return_student_loss` must be True or False"):
+        loss_fn(hidden_s, hidden_t, labels=labels, return_student_loss=1)
 
 
 # ---------------------------------------------------------------- teacher, heads, frozen parts
@@ -335,12 +343,26 @@ def test_truncate_compares_the_common_classes(student_vocab):
     ("kwargs", "error", "match"),
     [
         ({"divergence": "fkl"}, ValueError, "Unknown `divergence` 'fkl'.*forward_kl"),
-        ({"beta": 0.5}, ValueError, "`beta` is only used by divergence='generalized_jsd'"),
-        ({"k": 3}, ValueError, "`k` is only used by divergence='topk_forward_kl'"),
+        ({"divergence": "lm_head_distillation"}, ValueError, "Unknown `divergence`"),
+        ({"divergence": 3}, ValueError, "Unknown `divergence` '3'"),
+        (
+            {"beta": 0.5},
+            ValueError,
+            r"`beta` is not an argument of divergence 'logits_distillation'.*\['dkd', 'jsd'\]",
+        ),
+        ({"k": 3}, ValueError, r"`k` is not an argument of divergence.*\['topk_kl'\]"),
+        ({"divergence": "jsd", "alpha": 0.1}, ValueError, "`alpha` is not an argument"),
         ({"divergence": "generalized_jsd", "beta": 1.5}, ValueError, r"`beta` must be .*\[0, 1\]"),
-        ({"divergence": "topk_forward_kl"}, ValueError, "needs `k`, a positive int"),
-        ({"temperature": 0}, ValueError, "`temperature` must be a positive number"),
-        ({"chunk_size": 0}, ValueError, "`chunk_size` must be a positive int"),
+        ({"divergence": "skew_kl", "alpha": float("nan")}, ValueError, "`alpha` must be a finite"),
+        ({"divergence": "topk_forward_kl", "k": 0}, ValueError, "`k` must be an integer >= 1"),
+        ({"divergence": "topk_kl", "k": True}, TypeError, "`k` must be an integer"),
+        ({"temperature": 0}, ValueError, "`temperature` must be a finite number > 0"),
+        ({"temperature": float("inf")}, ValueError, "`temperature` must be a finite number"),
+        ({"temperature": 1e200}, ValueError, r"`temperature` must be .* at most 1e\+06"),
+        ({"temperature": True}, TypeError, "`temperature` must be a number"),
+        ({"chunk_size": 0}, ValueError, "`chunk_size` must be an integer >= 1"),
+        ({"shift_labels": "no"}, TypeError, "`shift_labels` must be True or False"),
+        ({"compute_student_loss": 1}, TypeError, "`compute_student_loss` must be True or False"),
         ({"vocab_alignment": "pad"}, ValueError, "`vocab_alignment` must be one of"),
         ({"ignore_index": "x"}, TypeError, "`ignore_index` must be an int"),
         ({"student_lm_head": nn.Linear(2, 3)}, ValueError, "Give both"),
@@ -365,10 +387,15 @@ def test_forward_validation():
         loss_fn(hidden_s, hidden_t[:, :-1])
     with pytest.raises(ValueError, match="Shifting `labels` needs inputs"):
         loss_fn(hidden_s[0], hidden_t[0], labels=labels[0])
-    with pytest.raises(ValueError, match="`num_items_in_batch` must be positive"):
-        loss_fn(hidden_s, hidden_t, num_items_in_batch=0)
-    with pytest.raises(TypeError, match="`num_items_in_batch` must be an int"):
-        loss_fn(hidden_s, hidden_t, num_items_in_batch="4")
+    for bad in (0, -3, torch.tensor(0), torch.tensor(-2.0)):
+        with pytest.raises(ValueError, match="`num_items_in_batch` must be a finite number > 0"):
+            loss_fn(hidden_s, hidden_t, num_items_in_batch=bad)
+    for bad in (float("inf"), float("nan"), torch.tensor(float("nan")), torch.tensor(math.inf)):
+        with pytest.raises(ValueError, match="`num_items_in_batch` must be a finite number"):
+            loss_fn(hidden_s, hidden_t, num_items_in_batch=bad)
+    for bad in ("4", True, torch.tensor([3, 4]), torch.tensor(True)):
+        with pytest.raises(TypeError, match="`num_items_in_batch` must be a number"):
+            loss_fn(hidden_s, hidden_t, num_items_in_batch=bad)
     with pytest.raises(ValueError, match="at least one token axis"):
         mtd.LMHeadDistillationLoss()(torch.randn(5), torch.randn(5))
 
@@ -389,8 +416,7 @@ def test_sub_chunks_match_plain(monkeypatch, divergence):
         compute_student_loss=True,
         **EXTRA.get(divergence, {}),
     )
-    kd = loss_fn(hidden_s, hidden_t, labels=labels)
-    ce = loss_fn.pop_student_loss()
+    kd, ce = loss_fn(hidden_s, hidden_t, labels=labels, return_student_loss=True)
     expected_kd = plain_loss(divergence, hidden_s, head_s, hidden_t, head_t, labels=labels)
     expected_ce = F.cross_entropy(
         head_s(hidden_s)[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)
@@ -401,3 +427,91 @@ def test_sub_chunks_match_plain(monkeypatch, divergence):
     expected = grads(expected_kd + expected_ce.double(), hidden_s, head_s)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e.float())
+
+
+# ---------------------------------------------------------------- one vocabulary with the zoo
+# hyperparameters the chunked loss passes on, per registered divergence (others use defaults)
+ZOO_ARGS = {
+    "jsd": {"beta": 0.3},
+    "skew_kl": {"alpha": 0.2},
+    "skew_reverse_kl": {"alpha": 0.3},
+    "topk_kl": {"k": 4},
+    "dkd": {"alpha": 0.5, "beta": 2.0},
+    "mft": {"threshold": 0.3},
+}
+
+
+def test_every_logit_loss_of_the_zoo_is_a_divergence():
+    names = set(mtd.LMHeadDistillationLoss.available_divergences())
+    expected = {"logits_distillation", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"}
+    assert expected | {"topk_kl", "dkd", "mft"} <= names
+    assert not names & {"lm_head_distillation", "mgd", "hint", "cosine"}
+
+
+@pytest.mark.parametrize("name", sorted(mtd.LMHeadDistillationLoss.available_divergences()))
+def test_chunked_equals_the_registered_plain_loss(name):
+    # the same divergence by name: chunked on hidden states == the plain loss on full logits
+    head_s, head_t, hidden_s, hidden_t, labels = make_case(dtype=torch.float64)
+    kwargs = ZOO_ARGS.get(name, {})
+    chunked = mtd.LMHeadDistillationLoss(
+        head_s, head_t, name, temperature=2.0, chunk_size=3, **kwargs
+    )
+    plain = mtd.get_loss(name)(temperature=2.0, ignore_index=-100, **kwargs)
+    got = chunked(hidden_s, hidden_t, labels=labels)
+    logits_s, logits_t = head_s(hidden_s)[:, :-1], head_t(hidden_t)[:, :-1]
+    expected = plain(logits_s, logits_t, labels=labels[:, 1:])
+    if not plain.temperature_squared:  # the chunked loss always multiplies by T² (documented)
+        expected = expected * 4.0
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(grads(got, hidden_s, head_s), grads(expected, hidden_s, head_s), strict=True):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize(("alias", "name"), sorted(DIVERGENCE_ALIASES.items()))
+def test_old_divergence_spellings_map_to_registry_names(alias, name):
+    head_s, head_t, hidden_s, hidden_t, labels = make_case()
+    kwargs = {"k": 4} if name == "topk_kl" else {}
+    old = mtd.LMHeadDistillationLoss(head_s, head_t, alias, **kwargs)
+    new = mtd.LMHeadDistillationLoss(head_s, head_t, name, **kwargs)
+    assert old.divergence == name and old.get_config() == new.get_config()
+    torch.testing.assert_close(
+        old(hidden_s, hidden_t, labels=labels), new(hidden_s, hidden_t, labels=labels)
+    )
+    # a record written with the old spelling (an older checkpoint) still rebuilds
+    record = {"name": "lm_head_distillation", "args": {**new.get_config(), "divergence": alias}}
+    assert build_object(record, LOSSES).divergence == name
+
+
+def test_label_divergences_need_labels():
+    head_s, head_t, hidden_s, hidden_t, _ = make_case()
+    for name in ("dkd", "mft"):
+        loss_fn = mtd.LMHeadDistillationLoss(head_s, head_t, name)
+        with pytest.raises(ValueError, match=f"needs `labels` for divergence '{name}'"):
+            loss_fn(hidden_s, hidden_t)
+
+
+def test_a_cross_vocabulary_divergence_plugs_into_the_chunked_loss(monkeypatch):
+    # a LogitDivergenceLoss with same_classes=False (the shape of ULD-style losses) compares
+    # vocabularies of different sizes, chunked like every other divergence
+    from kdistill.losses import _registry
+
+    class SortedL1Loss(LogitDivergenceLoss):
+        same_classes = False
+
+        def divergence(self, student_log_probs, teacher, labels):
+            k = min(student_log_probs.shape[-1], teacher.shape[-1])
+            s = student_log_probs.exp().sort(-1, descending=True).values[..., :k]
+            t = teacher.exp().sort(-1, descending=True).values[..., :k]
+            return (s - t).abs().sum(-1)
+
+    monkeypatch.setattr(_registry.LOSSES, "_by_name", dict(_registry.LOSSES._by_name))
+    mtd.register_loss("sorted_l1_test", SortedL1Loss)
+    head_s, head_t = nn.Linear(D_S, 11).double(), nn.Linear(D_T, 17).double()
+    hidden_s = torch.randn(B, T, D_S, dtype=torch.float64, requires_grad=True)
+    hidden_t = torch.randn(B, T, D_T, dtype=torch.float64)
+    chunked = mtd.LMHeadDistillationLoss(head_s, head_t, "sorted_l1_test", chunk_size=4)
+    got = chunked(hidden_s, hidden_t)
+    expected = SortedL1Loss()(head_s(hidden_s), head_t(hidden_t))
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(grads(got, hidden_s, head_s), grads(expected, hidden_s, head_s), strict=True):
+        torch.testing.assert_close(g, e)
