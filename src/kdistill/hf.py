@@ -9,7 +9,8 @@ Install the extra: ``pip install "kdistill[hf]"``. This module is never imported
 """
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +27,23 @@ import torch
 from torch import Tensor, nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ._validation import check_bool
 from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer
 from .conversion import convert, export
 from .llm import compute_causal_lm_loss, is_causal_lm_recipe
-from .losses import LogitsDistillationLoss
+from .losses import LMHeadDistillationLoss, LogitsDistillationLoss
 from .model import LOSS_MODULES_KEY, TEACHER_KEY, DistillationModel
+from .onpolicy import find_lm_head, skip_lm_head
 
-__all__ = ["IGNORE_INDEX", "KDTrainer", "default_criterion", "next_token_mask"]
+__all__ = [
+    "IGNORE_INDEX",
+    "KDTrainer",
+    "chunked_criterion",
+    "default_criterion",
+    "next_token_mask",
+]
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 """Label value Hugging Face models ignore in their loss (and ``KDTrainer`` in the KD loss)."""
@@ -46,6 +57,20 @@ def default_criterion() -> nn.Module:
     per target token, correct under gradient accumulation and data parallelism.
     """
     return LogitsDistillationLoss(temperature=1.0, reduction="sum")
+
+
+def chunked_criterion(student_lm_head: nn.Module, teacher_lm_head: nn.Module) -> nn.Module:
+    """The default ``KDTrainer`` criterion for causal LMs with an lm_head: the same loss, chunked.
+
+    ``LMHeadDistillationLoss`` (token-level forward KL at temperature 1) bound to the two
+    lm_heads, taking the labels already shifted, and giving the student's cross-entropy from
+    the same chunks. ``KDTrainer`` runs both models with their lm_heads skipped, so the loss gets
+    final hidden states and no ``[B, T, V]`` logits exist; its value and gradients are those of
+    ``default_criterion()`` on full logits (and Hugging Face's cross-entropy).
+    """
+    return LMHeadDistillationLoss(
+        student_lm_head, teacher_lm_head, shift_labels=False, compute_student_loss=True
+    )
 
 
 def next_token_mask(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -132,6 +157,38 @@ def _check_model(model: Any, teacher_model: Any, criterion: Any, loss_balancer: 
         )
 
 
+def _inside_forward(wrapper: nn.Module, module: nn.Module, fn: Callable[[], Any]) -> Any:
+    """Run ``fn()`` as the forward of ``module`` called through its ``wrapper`` (DDP, FSDP...).
+
+    The chunked loss uses the student's lm_head weight after the forward. DDP (with
+    ``find_unused_parameters``, Trainer's default for Hugging Face models) would mark that
+    weight unused in the forward and then see its gradient arrive: "marked ready twice". Run
+    inside the wrapper's forward, the loss is part of the forward's output, so the wrapper sees
+    every parameter it uses (and sharded wrappers gather them). TRL's ``_ForwardRedirection``
+    does the same.
+    """
+    if wrapper is module:
+        return fn()
+    had_own = "forward" in module.__dict__
+    original = module.__dict__.get("forward")
+
+    def redirected(*args: Any, **kwargs: Any) -> Any:
+        restore()
+        return fn()
+
+    def restore() -> None:
+        if had_own:
+            module.__dict__["forward"] = original
+        else:
+            module.__dict__.pop("forward", None)
+
+    module.__dict__["forward"] = redirected
+    try:
+        return wrapper()
+    finally:
+        restore()
+
+
 @dataclass
 class _KDTerms:
     """One micro-batch's loss terms, before Trainer's scaling."""
@@ -178,12 +235,19 @@ class KDTrainer(transformers.Trainer):
     mean and Trainer divides by the accumulation steps. Losses that shift labels themselves must
     be built with ``shift_labels=False``: the labels they receive are aligned with the logits.
 
-    ``LMHeadDistillationLoss`` on the final hidden states (e.g.
-    ``{("model.norm", "model.norm"): LMHeadDistillationLoss(student.lm_head, teacher.lm_head,
-    shift_labels=False)}`` for Llama) gives the default criterion's loss and gradients, chunked.
-    To never build ``[B, T, V]`` logits at all, pass a model from
-    ``kdistill.llm.convert_causal_lm`` as ``model`` (no teacher or criterion): the forward then
-    runs without ``labels`` and the recipe's loss gives both the KD term and ``ce_loss``.
+    Memory: for causal LMs with an ``lm_head`` (every Hugging Face ``*ForCausalLM``, tied
+    embeddings included) and no ``criterion`` of yours, the default is the **chunked path**: the
+    criterion is ``chunked_criterion`` (the default forward KL as an ``LMHeadDistillationLoss``
+    bound to the two lm_heads), both models run with their lm_heads skipped (``skip_lm_head``,
+    only during that forward) and without ``labels``, and the loss projects the final hidden
+    states chunk by chunk, giving the KD term and ``ce_loss`` from the same chunks: no
+    ``[B, T, V]`` logits are ever built, for the same loss and gradients. Its outputs therefore
+    hold no ``logits`` (``predict`` returns none). The full-logits path (``default_criterion``
+    on the model outputs) is used for a criterion of yours, models without a usable lm_head
+    (none, or a logit transform after it such as Gemma-2's softcapping), non-causal models, and
+    ``chunked=False``; the choice is logged once (``logging.INFO``) and readable as
+    ``trainer.chunked``. A model from ``kdistill.llm.convert_causal_lm`` (no teacher or
+    criterion) is used as is: its recipe loss gives the KD term and ``ce_loss``.
 
     Logging: ``loss`` (the total), ``kd_loss`` (sum of the KD terms), ``ce_loss`` and each KD term
     are averaged over the steps since the last log and passed to ``Trainer.log`` at
@@ -203,6 +267,8 @@ class KDTrainer(transformers.Trainer):
             ``default_criterion()`` (token-level forward KL).
         loss_balancer: Combines the student's loss and the KD losses; ``None`` trains on KD alone.
         args: The ``transformers.TrainingArguments``.
+        chunked: Use the chunked path where it applies (see "Memory"); False always computes
+            full logits.
         **trainer_kwargs: Everything else ``transformers.Trainer`` takes (``train_dataset``,
             ``eval_dataset``, ``data_collator``, ``callbacks``, ...).
 
@@ -236,8 +302,11 @@ class KDTrainer(transformers.Trainer):
         criterion: Any = None,
         loss_balancer: DistillationLossBalancer | None = None,
         args: transformers.TrainingArguments | None = None,
+        *,
+        chunked: bool = True,
         **trainer_kwargs: Any,
     ) -> None:
+        check_bool("chunked", chunked)
         if trainer_kwargs.get("compute_loss_func") is not None:
             raise ValueError(
                 "KDTrainer computes its own loss, so `compute_loss_func` would be ignored: put a "
@@ -273,10 +342,40 @@ class KDTrainer(transformers.Trainer):
         )
         self._loss_shifts_labels = self._kd_shift_labels  # so Trainer counts tokens the same way
         self._kd_recipe = is_causal_lm_recipe(model)
+        self._kd_chunked = self._choose_chunked(chunked, criterion)
         self._kd_train_sums: dict[str, Tensor] = {}
         self._kd_eval_sums: dict[str, Tensor] = {}
         self._kd_eval_count = 0
         self._kd_last_logged_step = 0
+
+    def _choose_chunked(self, chunked: bool, criterion: Any) -> bool:
+        """Pick the chunked or the full-logits path (see the class docstring); log the choice."""
+        if self._kd_config is None:
+            why = "the model was converted by the caller (its own criterion is used)"
+        elif not chunked:
+            why = "chunked=False"
+        elif criterion is not None:
+            why = "a criterion was given"
+        elif not self._kd_shift_labels:
+            why = f"{type(self.model).__name__} is not a causal LM"
+        else:
+            student_head, why_student = find_lm_head(self.model)
+            teacher_head, why_teacher = find_lm_head(self._kd_config["teacher_model"])
+            why = why_student or why_teacher
+            if not why:
+                self._kd_config["criterion"] = chunked_criterion(student_head, teacher_head)
+                logger.info(
+                    "KDTrainer: chunked lm_head path (KD and cross-entropy from lm_head chunks, "
+                    "no [B, T, V] logits)."
+                )
+                return True
+        logger.info("KDTrainer: full-logits path ([B, T, V] logits), because %s.", why)
+        return False
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the loss goes through the lm_heads in chunks (no ``[B, T, V]`` logits)."""
+        return self._kd_chunked
 
     # ------------------------------------------------------------------ converting around calls
     @contextlib.contextmanager
@@ -389,6 +488,8 @@ class KDTrainer(transformers.Trainer):
             )
             student_loss = kd_terms.pop(STUDENT_LOSS_KEY, None)
             return _KDTerms(kd_terms, student_loss, outputs, loss_kwargs, torch.Size())
+        if self._kd_chunked:
+            return self._chunked_kd_terms(model, inputs, forward_inputs, num_items_in_batch)
         outputs = model(**forward_inputs)
         has_labels = inputs.get("labels") is not None
         student_loss = outputs.get("loss") if has_labels and isinstance(outputs, dict) else None
@@ -397,6 +498,39 @@ class KDTrainer(transformers.Trainer):
         loss_kwargs = self._kd_loss_kwargs(inputs, logits_shape, num_items_in_batch)
         kd_terms = self.distillation_model.compute_kd_loss(skip_balancer=True, **loss_kwargs)
         return _KDTerms(kd_terms, student_loss, outputs, loss_kwargs, logits_shape)
+
+    def _chunked_kd_terms(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        forward_inputs: dict[str, Any],
+        num_items_in_batch: Tensor | int | None,
+    ) -> _KDTerms:
+        """The chunked path: both lm_heads skipped for the forward, KD and CE from the chunks."""
+        distillation_model = self.distillation_model
+        # without labels: the model must not compute its cross-entropy on hidden states
+        forward_inputs.pop("labels", None)
+        forward_inputs.pop("shift_labels", None)
+
+        def forward_and_loss() -> _KDTerms:
+            with skip_lm_head(distillation_model), skip_lm_head(distillation_model.teacher_model):
+                outputs = distillation_model(**forward_inputs)
+            hidden = outputs.get("logits") if isinstance(outputs, Mapping) else None
+            hidden_shape = hidden.shape if isinstance(hidden, Tensor) else torch.Size()
+            loss_kwargs = self._kd_loss_kwargs(inputs, hidden_shape, num_items_in_batch)
+            with_ce = "labels" in loss_kwargs
+            kd_terms = distillation_model.compute_kd_loss(
+                skip_balancer=True, return_student_loss=with_ce, **loss_kwargs
+            )
+            student_loss = None
+            if with_ce:
+                ((key, (kd, student_loss)),) = kd_terms.items()
+                kd_terms = {key: kd}
+            if isinstance(outputs, Mapping):  # its "logits" are hidden states: return none
+                outputs = type(outputs)(**{k: v for k, v in outputs.items() if k != "logits"})
+            return _KDTerms(kd_terms, student_loss, outputs, loss_kwargs, hidden_shape)
+
+        return _inside_forward(model, distillation_model, forward_and_loss)
 
     def _scale_for_trainer(
         self, terms: _KDTerms, training: bool, num_items_in_batch: Tensor | int | None
