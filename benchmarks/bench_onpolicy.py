@@ -25,9 +25,9 @@ Measured per variant (median of ``--repeats`` steps after one warm-up step):
 - ``loss_backward_s``: the rest of loss + backward (student forward, divergence, backward);
 - ``optimizer_s`` and ``total_s`` (the whole step);
 - ``peak_extra_mb``: peak RSS of scoring + loss + backward minus the RSS just before it (the
-  kernel's ``VmHWM`` reset through ``/proc/self/clear_refs`` after ``malloc_trim``; workers run
-  with ``MALLOC_MMAP_THRESHOLD_=131072`` so freed tensors leave the process), the maximum over
-  the timed steps. It includes the student's gradients.
+  kernel's ``VmHWM`` reset through ``/proc/self/clear_refs`` after ``malloc_trim``, so memory
+  freed by sampling is not reused unseen), the maximum over the timed steps. It includes the
+  student's gradients.
 
 Defaults (issue 13): vocabulary 49,152 (SmolLM2's), batch 8, prompt 64 and completion 64 tokens,
 float32, CPU; configurations ``tiny`` (student 128 wide / 1 layer, teacher 256 / 2) and
@@ -271,7 +271,6 @@ def _measure_isolated(variant: str, args: argparse.Namespace, config: str) -> di
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(_REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-        "MALLOC_MMAP_THRESHOLD_": "131072",
     }
     result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
