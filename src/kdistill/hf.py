@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers.Trainer`` integration: ``KDTrainer``.
+"""Hugging Face ``transformers.Trainer`` integration: ``KDTrainer`` and ``OnPolicyKDTrainer``.
 
 ``KDTrainer`` is a ``Trainer`` whose model is the student converted with ``kdistill.convert``: each
 step runs the frozen teacher and the student on the same batch and optimizes the KD loss (alone, the
@@ -27,17 +27,26 @@ import torch
 from torch import Tensor, nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from ._validation import check_bool
+from ._validation import check_bool, check_int, check_positive, check_unit_interval
 from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer
 from .conversion import convert, export
 from .llm import compute_causal_lm_loss, is_causal_lm_recipe
 from .losses import LMHeadDistillationLoss, LogitsDistillationLoss
 from .model import LOSS_MODULES_KEY, TEACHER_KEY, DistillationModel
-from .onpolicy import find_lm_head, skip_lm_head
+from .onpolicy import (
+    Completions,
+    PromptCollator,
+    SamplingConfig,
+    choose_source,
+    find_lm_head,
+    gkd_completions,
+    skip_lm_head,
+)
 
 __all__ = [
     "IGNORE_INDEX",
     "KDTrainer",
+    "OnPolicyKDTrainer",
     "chunked_criterion",
     "default_criterion",
     "next_token_mask",
@@ -324,7 +333,7 @@ class KDTrainer(transformers.Trainer):
         if not isinstance(model, DistillationModel):
             config = {
                 "teacher_model": teacher_model,
-                "criterion": default_criterion() if criterion is None else criterion,
+                "criterion": self._full_logits_criterion() if criterion is None else criterion,
                 "loss_balancer": loss_balancer,
             }
             # check everything (and build the teacher once) now; convert again in train()
@@ -363,7 +372,7 @@ class KDTrainer(transformers.Trainer):
             teacher_head, why_teacher = find_lm_head(self._kd_config["teacher_model"])
             why = why_student or why_teacher
             if not why:
-                self._kd_config["criterion"] = chunked_criterion(student_head, teacher_head)
+                self._kd_config["criterion"] = self._chunked_criterion(student_head, teacher_head)
                 logger.info(
                     "KDTrainer: chunked lm_head path (KD and cross-entropy from lm_head chunks, "
                     "no [B, T, V] logits)."
@@ -371,6 +380,18 @@ class KDTrainer(transformers.Trainer):
                 return True
         logger.info("KDTrainer: full-logits path ([B, T, V] logits), because %s.", why)
         return False
+
+    def _full_logits_criterion(self) -> nn.Module:
+        """The criterion when none is given and the full-logits path is used."""
+        return default_criterion()
+
+    def _chunked_criterion(self, student_head: nn.Module, teacher_head: nn.Module) -> nn.Module:
+        """The criterion when none is given and the chunked path is used."""
+        return chunked_criterion(student_head, teacher_head)
+
+    def _wants_student_loss(self) -> bool:
+        """Whether each step also computes the student's cross-entropy (trained or logged)."""
+        return True
 
     @property
     def chunked(self) -> bool:
@@ -490,8 +511,10 @@ class KDTrainer(transformers.Trainer):
             return _KDTerms(kd_terms, student_loss, outputs, loss_kwargs, torch.Size())
         if self._kd_chunked:
             return self._chunked_kd_terms(model, inputs, forward_inputs, num_items_in_batch)
+        if not self._wants_student_loss():
+            forward_inputs.pop("labels", None)
         outputs = model(**forward_inputs)
-        has_labels = inputs.get("labels") is not None
+        has_labels = forward_inputs.get("labels") is not None
         student_loss = outputs.get("loss") if has_labels and isinstance(outputs, dict) else None
         logits = outputs.get("logits") if isinstance(outputs, dict) else None
         logits_shape = logits.shape if isinstance(logits, Tensor) else torch.Size()
@@ -518,7 +541,7 @@ class KDTrainer(transformers.Trainer):
             hidden = outputs.get("logits") if isinstance(outputs, Mapping) else None
             hidden_shape = hidden.shape if isinstance(hidden, Tensor) else torch.Size()
             loss_kwargs = self._kd_loss_kwargs(inputs, hidden_shape, num_items_in_batch)
-            with_ce = "labels" in loss_kwargs
+            with_ce = "labels" in loss_kwargs and self._wants_student_loss()
             kd_terms = distillation_model.compute_kd_loss(
                 skip_balancer=True, return_student_loss=with_ce, **loss_kwargs
             )
@@ -681,3 +704,341 @@ class KDTrainer(transformers.Trainer):
             return
         with model.as_student():
             super()._save(output_dir, state_dict=_student_only(state_dict))
+
+
+class OnPolicyKDTrainer(KDTrainer):
+    """On-policy distillation (GKD): the student samples, the teacher grades every completion token.
+
+    Before each optimizer step, the prompts of every gradient-accumulation micro-batch get their
+    completions (``kdistill.onpolicy.gkd_completions``): with probability ``lmbda`` the student
+    samples them (on-policy), otherwise the dataset's own completions are used, or, with
+    ``seq_kd=True``, the teacher samples them. The batch prompt + completion then goes through
+    ``KDTrainer``'s step with the completion tokens as the only targets: the teacher runs once
+    on it under ``no_grad``, and the loss is the divergence over the completion tokens only,
+    chunked through the lm_heads by default (no ``[B, T, V]`` logits; see ``KDTrainer``). The
+    divergence is TRL's generalized JSD with ``beta`` (0: forward KL, 1: reverse KL, the
+    default; ``divergence=`` picks any other divergence of ``LMHeadDistillationLoss``), at
+    ``temperature``, which also is the sampling temperature (TRL's convention). Unlike TRL, the
+    loss is multiplied by T² (as every kdistill logit loss), so at T ≠ 1 it is T² times TRL's.
+
+    Everything else is ``KDTrainer``'s: teacher instance or factory, optional ``criterion``
+    (on full logits) and ``loss_balancer`` (then the student's cross-entropy on the completion
+    tokens is trained too; without one it is not computed), student-only saves, the student you
+    pass handed back plain after ``train``, components logged. With ``lmbda=0`` (and no
+    ``seq_kd``) the trainer is ``KDTrainer`` on the dataset's prompt + completion with the
+    prompt masked.
+
+    Data (TRL's conventions): rows with ``"prompt"`` (text, or chat messages rendered with the
+    tokenizer's chat template) and, for the off-policy share, ``"completion"``; the default
+    ``data_collator`` is ``kdistill.onpolicy.PromptCollator``. A collator of your own must
+    return ``prompt_input_ids`` / ``prompt_attention_mask`` (and optionally
+    ``completion_input_ids`` / ``completion_attention_mask``).
+
+    Normalization: the completions of all micro-batches of an optimizer step exist before its
+    first backward, so ``num_items_in_batch`` is the number of completion tokens of the whole
+    step (all ranks, with ``average_tokens_across_devices``) and gradient accumulation and data
+    parallelism give the loss of the full batch.
+
+    Logs (averaged since the last log, every ``logging_steps``): ``kd_loss`` and the
+    ``KDTrainer`` components, ``completion_length`` (mean tokens per completion),
+    ``eos_share`` (completions that ended with EOS rather than at ``max_new_tokens``) and
+    ``on_policy_share`` (micro-batches sampled from the student); with ``log_completions=True``
+    a few decoded (prompt, completion) pairs are logged (``logging.INFO``) and kept in
+    ``completion_samples``. Evaluation samples completions from the student with a generator
+    seeded by ``args.seed`` at every ``evaluate`` (the same weights give the same samples).
+
+    Randomness: the λ draws use a generator seeded with ``args.seed`` (the same on every rank,
+    so ranks stay in step), the sampling one seeded with ``args.seed`` + the process index.
+    Their states are not checkpointed: a resumed run samples differently.
+
+    Args:
+        model: The student causal LM (a Hugging Face ``*ForCausalLM``).
+        teacher_model: The teacher (instance or factory, as for ``KDTrainer``), same tokenizer.
+        args: The ``transformers.TrainingArguments``.
+        train_dataset: Rows ``{"prompt": ..., "completion"?: ...}``.
+        processing_class: The tokenizer (prompts, chat template, EOS and pad ids).
+        lmbda: Probability that a micro-batch is on-policy, in [0, 1].
+        beta: β of the generalized JSD, in [0, 1] (TRL's ``beta``).
+        temperature: Sampling and loss temperature (> 0).
+        max_new_tokens: Most tokens sampled per completion (also the cut of dataset ones).
+        top_k: Sampling top-k (0: off).
+        top_p: Sampling nucleus top-p (1: off).
+        seq_kd: Off-policy micro-batches use teacher samples instead of the dataset's.
+        max_prompt_length: Keep at most this many (last) prompt tokens (None: all).
+        divergence: A divergence of ``LMHeadDistillationLoss`` instead of JSD(β) (e.g.
+            ``"topk_kl"``); ``divergence_kwargs`` are its arguments (e.g. ``{"k": 64}``).
+        divergence_kwargs: See ``divergence``.
+        log_completions: Log decoded samples every ``logging_steps``.
+        num_completions_to_log: How many.
+        **kwargs: ``criterion``, ``loss_balancer``, ``chunked`` (see ``KDTrainer``) and
+            everything ``transformers.Trainer`` takes.
+
+    Raises:
+        ValueError: No tokenizer, a non-causal student, bad sampling or mixing values.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+        >>> from kdistill.xtoken import byte_tokenizer
+        >>> tokenizer = byte_tokenizer()
+        >>> config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16,
+        ...                      intermediate_size=32, num_hidden_layers=1,
+        ...                      num_attention_heads=2)
+        >>> student, teacher = LlamaForCausalLM(config), LlamaForCausalLM(config)
+        >>> args = TrainingArguments(tempfile.mkdtemp(), max_steps=1, report_to=[],
+        ...                          use_cpu=True, per_device_train_batch_size=2,
+        ...                          save_strategy="no", disable_tqdm=True)
+        >>> trainer = OnPolicyKDTrainer(
+        ...     model=student, teacher_model=teacher, args=args,
+        ...     train_dataset=[{"prompt": "Hello"}, {"prompt": "Bye"}],
+        ...     processing_class=tokenizer, max_new_tokens=4)
+        >>> output = trainer.train()  # prints the final log line
+        {'train_runtime': ...}
+        >>> output.training_loss >= 0
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        teacher_model: Any = None,
+        args: transformers.TrainingArguments | None = None,
+        train_dataset: Any = None,
+        processing_class: Any = None,
+        *,
+        lmbda: float = 1.0,
+        beta: float = 1.0,
+        temperature: float = 1.0,
+        max_new_tokens: int = 128,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seq_kd: bool = False,
+        max_prompt_length: int | None = None,
+        divergence: str | None = None,
+        divergence_kwargs: Mapping[str, Any] | None = None,
+        log_completions: bool = False,
+        num_completions_to_log: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        if processing_class is None:
+            raise ValueError(
+                "OnPolicyKDTrainer needs `processing_class` (the tokenizer): it tokenizes the "
+                "prompts, renders chat templates and gives the EOS and pad ids."
+            )
+        self.lmbda = check_unit_interval("lmbda", lmbda)
+        self.beta = check_unit_interval("beta", beta)
+        self.seq_kd = check_bool("seq_kd", seq_kd)
+        self.log_completions = check_bool("log_completions", log_completions)
+        self.num_completions_to_log = check_int(
+            "num_completions_to_log", num_completions_to_log, min_value=0
+        )
+        if divergence is None and divergence_kwargs:
+            raise ValueError(
+                "`divergence_kwargs` needs `divergence` (JSD's only argument is beta)."
+            )
+        self._divergence = {"divergence": "jsd", "beta": self.beta}
+        if divergence is not None:
+            self._divergence = {"divergence": divergence, **dict(divergence_kwargs or {})}
+        self._temperature = check_positive("temperature", temperature)
+        LMHeadDistillationLoss(temperature=self._temperature, **self._divergence)  # check now
+        eos_ids = _eos_ids(processing_class, model)
+        collator = PromptCollator(processing_class, max_prompt_length, max_new_tokens)
+        self.sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=self._temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_ids or None,
+            pad_token_id=collator.pad_token_id,
+        )
+        kwargs.setdefault("data_collator", collator)
+        super().__init__(
+            model=model,
+            teacher_model=teacher_model,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if not self._kd_shift_labels:
+            raise ValueError(
+                f"OnPolicyKDTrainer distills causal LMs; {type(self.model).__name__} is not one."
+            )
+        self._mix_generator = torch.Generator().manual_seed(self.args.seed)
+        self._sample_generator = self._new_sample_generator(self.args.process_index)
+        self._sample_sums: dict[str, Tensor] = {}
+        self.completion_samples: list[dict[str, str]] = []
+
+    # ------------------------------------------------------------------ configuration hooks
+    def _full_logits_criterion(self) -> nn.Module:
+        """The divergence on full logits: the same loss, unbound (no lm_heads)."""
+        return LMHeadDistillationLoss(
+            temperature=self._temperature, shift_labels=False, **self._divergence
+        )
+
+    def _chunked_criterion(self, student_head: nn.Module, teacher_head: nn.Module) -> nn.Module:
+        """The divergence through the two lm_heads, chunked."""
+        return LMHeadDistillationLoss(
+            student_head,
+            teacher_head,
+            temperature=self._temperature,
+            shift_labels=False,
+            compute_student_loss=True,
+            **self._divergence,
+        )
+
+    def _wants_student_loss(self) -> bool:
+        """The cross-entropy is computed only when a balancer trains on it."""
+        model = self.model
+        return isinstance(model, DistillationModel) and model.loss_balancer is not None
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # the collator reads the raw columns: keep them when Trainer removes unused ones
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt", "completion"]
+
+    def _new_sample_generator(self, offset: int) -> torch.Generator:
+        device = self.args.device
+        generator = torch.Generator(device=device) if device.type == "cuda" else torch.Generator()
+        return generator.manual_seed(self.args.seed + offset)
+
+    # ------------------------------------------------------------------ completions
+    @contextlib.contextmanager
+    def _sampling_student(self) -> Iterator[nn.Module]:
+        """The converted student, running only the student and capturing nothing that lingers.
+
+        ``eval()`` (dropout off; no "overwritten output" warnings) inside
+        ``only_student_forward()``; its train mode is restored after, which also drops what
+        the sampling forwards captured.
+        """
+        model = self.distillation_model
+        was_training = model.training
+        model.eval()
+        try:
+            with model.only_student_forward():
+                yield model
+        finally:
+            model.train(was_training)
+
+    def _complete(self, batch: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+        """Replace a prompt batch by prompt + completion (``input_ids``, ``labels``, ...)."""
+        if "prompt_input_ids" not in batch:
+            raise ValueError(
+                "OnPolicyKDTrainer batches hold `prompt_input_ids` (and optionally "
+                f"`completion_input_ids`), got keys {sorted(batch)}. Use rows with a 'prompt' "
+                "and the default data_collator (kdistill.onpolicy.PromptCollator)."
+            )
+        training = source is None
+        if source is None:
+            source = choose_source(self.lmbda, self.seq_kd, self._mix_generator)
+        generator = self._sample_generator if training else self._eval_generator
+        with self._sampling_student() as student:
+            completions = gkd_completions(
+                source,
+                student,
+                self.distillation_model.teacher_model,
+                batch["prompt_input_ids"],
+                batch["prompt_attention_mask"],
+                batch.get("completion_input_ids"),
+                batch.get("completion_attention_mask"),
+                sampling=self.sampling,
+                generator=generator,
+            )
+        if training:
+            self._record_completions(completions, source)
+        return {
+            "input_ids": completions.input_ids,
+            "attention_mask": completions.attention_mask,
+            "position_ids": completions.position_ids,
+            "labels": completions.labels(IGNORE_INDEX),
+        }
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, Tensor | int | None]:
+        """Fetch the step's micro-batches, complete them all, count their completion tokens."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = [self._complete(batch) for batch in batches]
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> Any:
+        """Evaluate on completions the student samples for the prompts (see the class doc)."""
+        if "prompt_input_ids" in inputs:
+            inputs = self._complete(inputs, source="student")
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """Run Trainer's evaluation loop with the evaluation sampling generator reseeded."""
+        self._eval_generator = self._new_sample_generator(self.args.process_index)
+        return super().evaluation_loop(*args, **kwargs)
+
+    # ------------------------------------------------------------------ logging
+    def _record_completions(self, completions: Completions, source: str) -> None:
+        """Accumulate the completion statistics on device (no host sync per micro-batch)."""
+        stats = {
+            "rows": float(completions.input_ids.shape[0]),
+            "tokens": completions.lengths.sum().float(),
+            "ended": completions.ended.sum().float(),
+            "batches": 1.0,
+            "on_policy": float(source == "student"),
+        }
+        for name, value in stats.items():
+            value = torch.as_tensor(value, device=completions.input_ids.device)
+            self._sample_sums[name] = self._sample_sums.get(name, 0) + value
+        if self.log_completions and self.num_completions_to_log:
+            rows = slice(0, self.num_completions_to_log)
+            prompts = completions.input_ids[rows, : completions.prompt_length]
+            prompt_mask = completions.attention_mask[rows, : completions.prompt_length].bool()
+            decode = self.processing_class.decode
+            self.completion_samples = [
+                {
+                    "source": source,
+                    "prompt": decode(p[m].tolist(), skip_special_tokens=True),
+                    "completion": decode(c[k].tolist(), skip_special_tokens=True),
+                }
+                for p, m, c, k in zip(
+                    prompts,
+                    prompt_mask,
+                    completions.completion_ids[rows],
+                    completions.completion_mask[rows, completions.prompt_length :],
+                    strict=True,
+                )
+            ]
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the completion statistics (and samples) to the training logs, then log."""
+        if "loss" in logs and self._sample_sums:
+            names = sorted(self._sample_sums)
+            stacked = torch.stack([self._sample_sums[n].float() for n in names])
+            totals = dict(zip(names, self.accelerator.reduce(stacked, "sum").tolist(), strict=True))
+            rows = max(totals["rows"], 1.0)
+            logs = {
+                **logs,
+                "completion_length": totals["tokens"] / rows,
+                "eos_share": totals["ended"] / rows,
+                "on_policy_share": totals["on_policy"] / max(totals["batches"], 1.0),
+            }
+            self._sample_sums = {}
+            if self.log_completions and self.completion_samples:
+                for sample in self.completion_samples:
+                    logger.info("step %d %s", self.state.global_step, sample)
+        super().log(logs, *args, **kwargs)
+
+
+def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
+    """The EOS ids: the tokenizer's and the student's ``generation_config``'s, deduplicated."""
+    ids: list[int] = []
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
+        for token in [value] if isinstance(value, int) else list(value or []):
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return ids

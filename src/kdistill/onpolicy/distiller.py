@@ -39,10 +39,80 @@ from .completions import Completions
 from .sampling import SamplingConfig, sample_completions
 from .scoring import completion_kd_loss
 
-__all__ = ["SOURCES", "CompletionSource", "OnPolicyDistiller", "OnPolicyStep"]
+__all__ = [
+    "SOURCES",
+    "CompletionSource",
+    "OnPolicyDistiller",
+    "OnPolicyStep",
+    "choose_source",
+    "gkd_completions",
+]
 
 CompletionSource = Literal["student", "teacher", "dataset"]
 SOURCES: tuple[str, ...] = ("student", "teacher", "dataset")
+
+
+def choose_source(
+    lmbda: float, seq_kd: bool, generator: torch.Generator | None = None
+) -> CompletionSource:
+    """Draw a step's completion source: ``"student"`` with probability ``lmbda`` (GKD's λ).
+
+    Otherwise ``"teacher"`` with ``seq_kd``, else ``"dataset"``. λ = 0 never samples from the
+    student and λ = 1 always does: the draw is ``u < λ`` with ``u`` uniform in [0, 1) from
+    ``generator`` (the global RNG when None).
+    """
+    u = float(torch.rand((), generator=generator))
+    if u < lmbda:
+        return "student"
+    return "teacher" if seq_kd else "dataset"
+
+
+def gkd_completions(
+    source: CompletionSource,
+    student: nn.Module,
+    teacher: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor | None = None,
+    completion_ids: Tensor | None = None,
+    completion_mask: Tensor | None = None,
+    *,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+) -> Completions:
+    """The completions of one GKD step from ``source``.
+
+    Args:
+        source: ``"student"`` / ``"teacher"`` (sampled with ``sampling``) or ``"dataset"``.
+        student: The model sampled for ``"student"``.
+        teacher: The model sampled for ``"teacher"`` (sequence-level KD).
+        prompt_ids: ``[B, P]`` prompts (padded on either side).
+        prompt_mask: ``[B, P]`` True/1 on real tokens (None: no padding).
+        completion_ids: ``[B, C]`` the dataset's completions, needed for ``"dataset"``.
+        completion_mask: ``[B, C]`` True/1 on real completion tokens.
+        sampling: The sampling settings (its pad and EOS ids also pack dataset completions).
+        generator: Source of randomness for the sampling.
+
+    Raises:
+        ValueError: An unknown source, or ``"dataset"`` without completions.
+    """
+    check_choice("source", source, SOURCES)
+    if source == "dataset":
+        if completion_ids is None:
+            raise ValueError(
+                "This step uses the dataset's completions (lmbda < 1 and seq_kd=False) but none "
+                "were given: pass `completion_ids` (a 'completion' column), or set lmbda=1 or "
+                "seq_kd=True."
+            )
+        return Completions.from_parts(
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            completion_mask,
+            pad_token_id=sampling.pad_id,
+            eos_token_id=sampling.eos_ids or None,
+        )
+    model = student if source == "student" else teacher
+    return sample_completions(model, prompt_ids, prompt_mask, sampling, generator=generator)
 
 
 @dataclass(frozen=True)
@@ -138,15 +208,8 @@ class OnPolicyDistiller:
         return self._full_logits_reason
 
     def choose_source(self) -> CompletionSource:
-        """Draw this step's completion source: ``"student"`` with probability ``lmbda``.
-
-        Otherwise ``"teacher"`` with ``seq_kd``, else ``"dataset"``. λ = 0 never samples from
-        the student and λ = 1 always does (the draw is ``u < λ`` with ``u`` uniform in [0, 1)).
-        """
-        u = float(torch.rand((), generator=self.generator))
-        if u < self.lmbda:
-            return "student"
-        return "teacher" if self.seq_kd else "dataset"
+        """Draw this step's completion source (``choose_source`` with this λ and generator)."""
+        return choose_source(self.lmbda, self.seq_kd, self.generator)
 
     def completions(
         self,
@@ -170,26 +233,16 @@ class OnPolicyDistiller:
             ValueError: The source is ``"dataset"`` but no completions were given.
         """
         source = self.choose_source() if source is None else source
-        check_choice("source", source, SOURCES)
-        if source == "dataset":
-            if completion_ids is None:
-                raise ValueError(
-                    f"This step uses the dataset's completions (lmbda={self.lmbda} < 1 and "
-                    "seq_kd=False) but none were given: pass `completion_ids`, or set lmbda=1 "
-                    "or seq_kd=True."
-                )
-            completions = Completions.from_parts(
-                prompt_ids,
-                prompt_mask,
-                completion_ids,
-                completion_mask,
-                pad_token_id=self.sampling.pad_id,
-                eos_token_id=self.sampling.eos_ids or None,
-            )
-            return completions, source
-        model = self.student if source == "student" else self.teacher
-        completions = sample_completions(
-            model, prompt_ids, prompt_mask, self.sampling, generator=self.generator
+        completions = gkd_completions(
+            source,
+            self.student,
+            self.teacher,
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            completion_mask,
+            sampling=self.sampling,
+            generator=self.generator,
         )
         return completions, source
 
