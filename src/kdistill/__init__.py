@@ -31,6 +31,7 @@ from .conversion import export as export
 from .losses import AttentionTransferLoss as AttentionTransferLoss
 from .losses import CosineLoss as CosineLoss
 from .losses import DKDLoss as DKDLoss
+from .losses import EnsembleLogitsDistillationLoss as EnsembleLogitsDistillationLoss
 from .losses import HintLoss as HintLoss
 from .losses import JSDLoss as JSDLoss
 from .losses import LMHeadDistillationLoss as LMHeadDistillationLoss
@@ -51,6 +52,7 @@ from .losses import list_losses as list_losses
 from .losses import register_loss as register_loss
 from .model import DistillationModel as DistillationModel
 from .modes import list_modes as list_modes
+from .teachers import TeacherDict as TeacherDict
 
 # ModelOpt's names for the mode state (``modelopt.torch.opt``), kept for migrating users.
 modelopt_state = mode_state
@@ -64,6 +66,7 @@ __all__ = [
     "DistillationLossBalancer",
     "DistillationModel",
     "DynamicLossBalancer",
+    "EnsembleLogitsDistillationLoss",
     "ExportStudentConfig",
     "HintLoss",
     "JSDLoss",
@@ -84,6 +87,7 @@ __all__ = [
     "StaticLossBalancer",
     "TVDLoss",
     "TeacherCache",
+    "TeacherDict",
     "TopKLogitsKLLoss",
     "TopKTeacher",
     "__version__",

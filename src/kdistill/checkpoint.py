@@ -329,9 +329,7 @@ def _restore(
                     "allocate. Restore from the checkpoint file (its tensors bound the sizes)."
                 )
         record.build_balancer()  # the arguments are checked before anything else is decided
-        teacher, reason = (
-            (teacher_model, "") if teacher_model is not None else (record.allowed_teacher())
-        )
+        teacher, reason = record.teacher_for_restore(teacher_model)
     except (ValueError, TypeError) as err:
         raise _prefixed(err, source) from err
     if teacher is None:
@@ -367,11 +365,13 @@ def _restore_student_only(
         )
     set_aside = f", {num_loss_tensors} loss-module tensor(s) set aside" if num_loss_tensors else ""
     allow = f", or allow the recorded factory: {record.factory_hint}" if record.factory_hint else ""
+    names = record.teacher_names
+    teachers = "teacher" if names is None else f"teachers {list(names)}"
     warnings.warn(
-        f"{source}: the distillation state (mode {record.mode!r}: teacher, "
+        f"{source}: the distillation state (mode {record.mode!r}: {teachers}, "
         f"{len(record.pairs)} loss(es), balancer{set_aside}) was not restored because {reason}. "
         "The plain student was restored with its weights. To resume distillation, pass the "
-        f"teacher: restore(student, f, teacher_model=...){allow}.",
+        f"{teachers.partition(' ')[0]}: {record.teacher_hint}{allow}.",
         stacklevel=3,
     )
     return model
@@ -388,7 +388,8 @@ def restore_from_mode_state(
         teacher_model: The teacher (an nn.Module, a class, a callable or a tuple), used instead
             of the recorded factory. Without it the recorded factory is called only if it is in
             the allow-list (``add_safe_factories``); otherwise the plain student is returned
-            with a warning.
+            with a warning. For several named teachers, a dict ``{name: teacher}`` of all or
+            some of them (as for ``restore``).
 
     Raises:
         ValueError: Malformed state or unknown names; the model is left unchanged.
@@ -407,15 +408,24 @@ def restore(model: nn.Module, f: FileLike, teacher_model: Any = None) -> nn.Modu
     ``mto.restore`` does: the plain student with its weights, and a warning saying what was not
     restored and how to resume. Everything is checked before any weight is copied.
 
+    Several named teachers (``teacher_model={name: teacher}`` at ``convert``) are recorded one by
+    one, each as a single teacher is. ``teacher_model`` may then be a dict giving all of them or
+    only some: the others are rebuilt from their recorded factories if those are allowed; if any
+    teacher cannot be rebuilt, the plain student is returned with the warning above.
+
     Args:
         model: A fresh, plain instance of the student's architecture.
         f: The file written by ``save`` (path or binary file object).
-        teacher_model: The teacher (an nn.Module, a class, a callable or a tuple).
+        teacher_model: The teacher (an nn.Module, a class, a callable or a tuple), or for
+            several named teachers a dict ``{name: teacher}`` of all or some of them.
 
     Raises:
         FileNotFoundError: ``f`` does not exist.
         ValueError: The file is corrupt, truncated, foreign, malformed, or does not fit the
-            model. The message names the file; the model is left unchanged.
+            model; ``teacher_model`` names a teacher the file does not hold. The message names
+            the file; the model is left unchanged.
+        TypeError: The file holds several teachers and ``teacher_model`` is one plain teacher
+            (pass a dict ``{name: teacher}``).
         RuntimeError: ``model`` is already a DistillationModel.
 
     Example:

@@ -5,12 +5,16 @@ passes to ``convert`` (a dict or a config) into a validated config and reports e
 once (unknown keys, wrong types, balancer problems and unknown layer names together); ``to_json``
 records it in a checkpoint without code or pickles, and ``KDLossRecord`` reads such a record back
 from an untrusted file without building or calling anything.
+
+Several teachers: ``teacher_model={"big": ..., "expert": ...}`` becomes a ``TeacherDictSpec`` (one
+``TeacherSpec`` per name, each recorded as a single teacher is), built into a ``TeacherDict``; a
+criterion key's teacher side is then ``"big"``, ``"big.blocks.11"`` or a tuple of such names.
 """
 
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 from torch import nn
 
@@ -25,17 +29,29 @@ from ._serialization import (
 )
 from .balancers import BALANCERS, DistillationLossBalancer
 from .losses._registry import LOSSES
+from .teachers import (
+    MAX_TEACHERS,
+    TeacherDict,
+    describe_names,
+    teacher_layer_problem,
+    teacher_name_problem,
+)
 
 __all__ = [
+    "Criterion",
     "ExportStudentConfig",
     "KDLossConfig",
     "KDLossRecord",
     "LayerwiseKDConfig",
+    "TeacherDictSpec",
+    "TeacherSide",
     "TeacherSpec",
     "malformed",
 ]
 
-Criterion: TypeAlias = dict[tuple[str, str], nn.Module]
+TeacherSide: TypeAlias = str | tuple[str, ...]
+"""A criterion key's teacher side: one teacher layer name, or a tuple of them."""
+Criterion: TypeAlias = dict[tuple[str, TeacherSide], nn.Module]
 
 _RESAVE = (
     "The file was not written by kdistill.save, or was edited: re-save the model with "
@@ -85,8 +101,12 @@ class TeacherSpec:
     kwargs: dict = field(default_factory=dict)
     record: dict | None = None
 
-    def build(self) -> nn.Module:
-        """Return the instance, or call the factory; a non-module result raises ``TypeError``."""
+    def build(self, field_name: str = "`teacher_model`") -> nn.Module:
+        """Return the instance, or call the factory; a non-module result raises ``TypeError``.
+
+        Args:
+            field_name: How messages name the teacher (e.g. ``"`teacher_model['big']`"``).
+        """
         if self.instance is not None:
             return self.instance
         if self.factory is None:
@@ -94,7 +114,7 @@ class TeacherSpec:
         teacher = self.factory(*self.args, **self.kwargs)
         if not isinstance(teacher, nn.Module):
             raise TypeError(
-                f"`teacher_model` factory {_callable_name(self.factory)} returned "
+                f"{field_name} factory {_callable_name(self.factory)} returned "
                 f"{type(teacher).__name__}, expected an nn.Module."
             )
         return teacher
@@ -135,17 +155,63 @@ class TeacherSpec:
         """A spec holding only this one's checkpoint record."""
         return TeacherSpec(record=self.to_json())
 
+    def with_built(self, teacher: nn.Module) -> "TeacherSpec":
+        """A spec of the built ``teacher`` that keeps this one's checkpoint record."""
+        return TeacherSpec(instance=teacher, record=self.to_json())
+
+
+@dataclass(frozen=True)
+class TeacherDictSpec:
+    """Several named teachers (``teacher_model={name: teacher}``), each a ``TeacherSpec``.
+
+    ``build`` gives a ``TeacherDict`` (the ``container`` when there is one: a ``TeacherDict``
+    passed by the user, or the one ``from_user`` built). The checkpoint record is
+    ``{"kind": "dict", "teachers": {name: <the single-teacher record>}}``.
+    """
+
+    teachers: dict[str, TeacherSpec]
+    container: TeacherDict | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The teachers' names, in order."""
+        return tuple(self.teachers)
+
+    def build(self) -> TeacherDict:
+        """Return the container, or build each teacher (factories called in order)."""
+        if self.container is not None:
+            return self.container
+        return TeacherDict(
+            {name: spec.build(f"`teacher_model[{name!r}]`") for name, spec in self.teachers.items()}
+        )
+
+    def to_json(self) -> dict:
+        """The checkpoint record; never raises."""
+        return {
+            "kind": "dict",
+            "teachers": {name: spec.to_json() for name, spec in self.teachers.items()},
+        }
+
+    def recorded_only(self) -> "TeacherDictSpec":
+        """A spec holding only the checkpoint records."""
+        return TeacherDictSpec({name: spec.recorded_only() for name, spec in self.teachers.items()})
+
+    def with_built(self, teachers: TeacherDict) -> "TeacherDictSpec":
+        """A spec of the built ``teachers`` that keeps the checkpoint records."""
+        return TeacherDictSpec(
+            {name: spec.with_built(teachers[name]) for name, spec in self.teachers.items()},
+            container=teachers,
+        )
+
 
 def _callable_name(fn: Any) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def _parse_teacher(value: Any, errors: _ConfigErrors) -> TeacherSpec | None:
-    if value is None:
-        errors.add(
-            ValueError, "missing required field `teacher_model` (a module, class or factory)."
-        )
-        return None
+def _parse_teacher(
+    value: Any, errors: _ConfigErrors, field_name: str = "`teacher_model`"
+) -> TeacherSpec | None:
+    """One teacher: an instance, a class or callable, or a ``(fn, args, kwargs)`` tuple."""
     if isinstance(value, TeacherSpec):
         return value
     if isinstance(value, nn.Module):
@@ -155,7 +221,7 @@ def _parse_teacher(value: Any, errors: _ConfigErrors) -> TeacherSpec | None:
         if not 1 <= len(value) <= 3:
             errors.add(
                 TypeError,
-                f"`teacher_model` tuple must be (fn,), (fn, args) or (fn, args, kwargs), got "
+                f"{field_name} tuple must be (fn,), (fn, args) or (fn, args, kwargs), got "
                 f"{len(value)} elements.",
             )
             return None
@@ -165,18 +231,74 @@ def _parse_teacher(value: Any, errors: _ConfigErrors) -> TeacherSpec | None:
         if not isinstance(args, tuple | list) or not isinstance(kwargs, Mapping):
             errors.add(
                 TypeError,
-                f"`teacher_model` tuple must hold (fn, args: tuple|list, kwargs: dict), got "
+                f"{field_name} tuple must hold (fn, args: tuple|list, kwargs: dict), got "
                 f"args={type(args).__name__}, kwargs={type(kwargs).__name__}.",
             )
             return None
     if not callable(factory):
         errors.add(
             TypeError,
-            f"`teacher_model` must be an nn.Module, a class, a callable or a (fn, args, kwargs) "
+            f"{field_name} must be an nn.Module, a class, a callable or a (fn, args, kwargs) "
             f"tuple, got {type(factory).__name__}.",
         )
         return None
     return TeacherSpec(factory=factory, args=tuple(args), kwargs=dict(kwargs))
+
+
+def _parse_teachers(value: Any, errors: _ConfigErrors) -> TeacherSpec | TeacherDictSpec | None:
+    """``teacher_model``: one teacher, or a dict / ``TeacherDict`` of named teachers."""
+    if value is None:
+        errors.add(
+            ValueError,
+            "missing required field `teacher_model` (a module, class or factory, or a dict "
+            "{name: teacher} of several).",
+        )
+        return None
+    if isinstance(value, TeacherSpec | TeacherDictSpec):
+        return value
+    container = value if isinstance(value, TeacherDict) else None
+    if container is None and not isinstance(value, Mapping):
+        return _parse_teacher(value, errors)
+    items = list(value.items())
+    if not items:
+        errors.add(
+            ValueError,
+            "`teacher_model` is an empty dict: give at least one teacher, e.g. "
+            "{'big': big_teacher}.",
+        )
+        return None
+    if len(items) > MAX_TEACHERS:
+        errors.add(
+            ValueError,
+            f"`teacher_model` names {len(items)} teachers; at most {MAX_TEACHERS} are supported.",
+        )
+        return None
+    teachers: dict[str, TeacherSpec] = {}
+    for name, teacher in items:
+        problem = teacher_name_problem(name)
+        if problem is not None:
+            kind = TypeError if not isinstance(name, str) else ValueError
+            errors.add(
+                kind,
+                f"`teacher_model` name {short_repr(name)} {problem}: name each teacher with an "
+                "identifier such as 'big' or 'expert_1'.",
+            )
+            continue
+        field_name = f"`teacher_model[{name!r}]`"
+        if teacher is None or isinstance(teacher, Mapping | TeacherDict | TeacherDictSpec):
+            what = "None" if teacher is None else "a dict of teachers (dicts do not nest)"
+            errors.add(
+                TypeError,
+                f"{field_name} is {what}: each teacher must be an nn.Module, a class, a callable "
+                "or a (fn, args, kwargs) tuple.",
+            )
+            continue
+        spec = _parse_teacher(teacher, errors, field_name)
+        if spec is not None:
+            teachers[name] = spec
+    if len(teachers) != len(items):
+        return None
+    return TeacherDictSpec(teachers, container=container)
 
 
 def _parse_criterion(value: Any, errors: _ConfigErrors) -> Criterion | None:
@@ -197,11 +319,24 @@ def _parse_criterion(value: Any, errors: _ConfigErrors) -> Criterion | None:
         return None
     criterion: Criterion = {}
     for key, loss in value.items():
-        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+        if not (
+            isinstance(key, tuple)
+            and len(key) == 2
+            and isinstance(key[0], str)
+            and (isinstance(key[1], str) or _is_layer_tuple(key[1]))
+        ):
             errors.add(
                 TypeError,
-                f"`criterion` key {key!r} must be a (student_layer, teacher_layer) tuple of "
-                "strings ('' is the whole model).",
+                f"`criterion` key {short_repr(key)} must be a (student_layer, teacher_layer) tuple "
+                "of strings ('' is the whole model); teacher_layer may also be a non-empty tuple "
+                "of teacher layer names, e.g. ('', ('big', 'expert')).",
+            )
+            continue
+        if isinstance(key[1], tuple) and len(set(key[1])) != len(key[1]):
+            errors.add(
+                ValueError,
+                f"`criterion` key {key!r} names a teacher layer twice; list each once (use the "
+                "loss's weights to weigh a teacher more).",
             )
             continue
         if not isinstance(loss, nn.Module):
@@ -214,6 +349,20 @@ def _parse_criterion(value: Any, errors: _ConfigErrors) -> Criterion | None:
             continue
         criterion[key] = loss
     return criterion
+
+
+def _is_layer_tuple(value: Any) -> bool:
+    """A non-empty tuple of layer names (at most ``MAX_TEACHERS`` of them)."""
+    return (
+        isinstance(value, tuple)
+        and 1 <= len(value) <= MAX_TEACHERS
+        and all(isinstance(v, str) for v in value)
+    )
+
+
+def _teacher_layers(side: TeacherSide) -> tuple[str, ...]:
+    """The teacher layer names of a criterion key's teacher side."""
+    return (side,) if isinstance(side, str) else side
 
 
 def _check_balancer(balancer: Any, num_pairs: int | None, errors: _ConfigErrors) -> None:
@@ -247,18 +396,50 @@ def _check_balancer(balancer: Any, num_pairs: int | None, errors: _ConfigErrors)
         )
 
 
+def _kd_teacher_names(teacher: nn.Module) -> tuple[str, ...] | None:
+    """The teacher protocol's ``kd_teacher_names`` (several named teachers), or ``None``."""
+    names = getattr(teacher, "kd_teacher_names", None)
+    if isinstance(names, tuple) and names and all(isinstance(n, str) for n in names):
+        return names
+    return None
+
+
 def _check_layers(
     student: nn.Module, teacher: nn.Module, criterion: Criterion, errors: _ConfigErrors
 ) -> None:
-    """Add one problem per unknown layer name, saying which side, with close matches."""
+    """Add one problem per unknown layer name, saying which side (and teacher), with matches."""
     student_names = [name for name, _ in student.named_modules()]
     teacher_names = [name for name, _ in teacher.named_modules()]
     known_student, known_teacher = set(student_names), set(teacher_names)
-    for s_name, t_name in criterion:
+    names = _kd_teacher_names(teacher)
+    for s_name, t_side in criterion:
         if s_name not in known_student:
             errors.add(ValueError, unknown_name_message("student layer", s_name, student_names))
-        if t_name not in known_teacher:
-            errors.add(ValueError, unknown_name_message("teacher layer", t_name, teacher_names))
+        for t_name in _teacher_layers(t_side):
+            if names is not None:
+                problem = teacher_layer_problem(t_name, names, teacher_names)
+                if problem is not None:
+                    errors.add(ValueError, problem)
+            elif t_name not in known_teacher:
+                errors.add(ValueError, unknown_name_message("teacher layer", t_name, teacher_names))
+
+
+def _check_built_teachers(student: nn.Module, teachers: TeacherDict, errors: _ConfigErrors) -> None:
+    """Each named teacher is its own module, and none is the student."""
+    seen: dict[int, str] = {}
+    for name, teacher in teachers.items():
+        if teacher is student:
+            errors.add(
+                ValueError,
+                f"`teacher_model[{name!r}]` is the student itself; pass a separate module.",
+            )
+        elif id(teacher) in seen:
+            errors.add(
+                ValueError,
+                f"`teacher_model[{name!r}]` and `teacher_model[{seen[id(teacher)]!r}]` are the "
+                "same module; give each name its own teacher.",
+            )
+        seen.setdefault(id(teacher), name)
 
 
 @dataclass
@@ -269,9 +450,12 @@ class KDLossConfig:
     default to ``None`` so that a missing one is reported by name.
 
     Attributes:
-        teacher_model: An nn.Module, a class, any callable, or ``(fn, args, kwargs)``; after
-            ``from_user``, a ``TeacherSpec``.
-        criterion: A loss (output to output) or ``{(student_layer, teacher_layer): loss}``.
+        teacher_model: An nn.Module, a class, any callable, or ``(fn, args, kwargs)``, or a dict
+            ``{name: any of these}`` of several named teachers; after ``from_user``, a
+            ``TeacherSpec`` (a ``TeacherDictSpec`` for a dict).
+        criterion: A loss (output to output) or ``{(student_layer, teacher_layer): loss}``;
+            ``teacher_layer`` may be a tuple of teacher layer names (the loss then gets a tuple
+            of their outputs).
         loss_balancer: A ``DistillationLossBalancer``, or ``None`` for a single loss pair.
         expose_minimal_state_dict: Hide the teacher's weights from ``state_dict()``.
     """
@@ -280,6 +464,8 @@ class KDLossConfig:
     criterion: Any = None
     loss_balancer: Any = None
     expose_minimal_state_dict: bool = True
+    # layerwise_kd feeds each paired teacher layer's inputs to its student layer
+    feeds_teacher_inputs: ClassVar[bool] = False
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -316,8 +502,17 @@ class KDLossConfig:
                 errors.add(
                     ValueError, unknown_name_message("config key", str(key), cls.field_names())
                 )
-        teacher = _parse_teacher(value.get("teacher_model"), errors)
+        teacher = _parse_teachers(value.get("teacher_model"), errors)
         criterion = _parse_criterion(value.get("criterion"), errors)
+        if criterion and cls.feeds_teacher_inputs:
+            for key in criterion:
+                if isinstance(key[1], tuple):
+                    errors.add(
+                        ValueError,
+                        f"`criterion` key {key!r}: {mode!r} feeds one teacher layer's input to "
+                        "each student layer, so the teacher side must be one layer name, not a "
+                        "tuple.",
+                    )
         balancer = value.get("loss_balancer")
         _check_balancer(balancer, len(criterion) if criterion else None, errors)
         expose = value.get("expose_minimal_state_dict", True)
@@ -333,8 +528,10 @@ class KDLossConfig:
                     ValueError, "`teacher_model` is the student itself; pass a separate module."
                 )
             else:
+                if isinstance(built, TeacherDict):
+                    _check_built_teachers(student, built, errors)
                 _check_layers(student, built, criterion, errors)
-            teacher = TeacherSpec(instance=built, record=teacher.to_json())
+            teacher = teacher.with_built(built)  # type: ignore[arg-type]
         errors.raise_if_any(f"Invalid config for mode {mode!r}")
         return cls(
             teacher_model=teacher,
@@ -344,8 +541,8 @@ class KDLossConfig:
         )
 
     @property
-    def teacher_spec(self) -> TeacherSpec:
-        """The validated teacher (``teacher_model`` after ``from_user``)."""
+    def teacher_spec(self) -> TeacherSpec | TeacherDictSpec:
+        """The validated teacher(s) (``teacher_model`` after ``from_user``)."""
         return self.teacher_model
 
     def to_json(self) -> dict:
@@ -360,7 +557,7 @@ class KDLossConfig:
             "criterion": [
                 {
                     "student_layer": s,
-                    "teacher_layer": t,
+                    "teacher_layer": t if isinstance(t, str) else list(t),
                     "loss": describe_object(loss, LOSSES, allow_torch_losses=True),
                 }
                 for (s, t), loss in self.criterion.items()
@@ -377,8 +574,11 @@ class LayerwiseKDConfig(KDLossConfig):
     """Config of the ``"layerwise_kd"`` mode: same fields as ``KDLossConfig``.
 
     Each paired student layer receives its teacher layer's *input*, and only the paired student
-    layers are trained (all other student parameters are frozen until ``export``).
+    layers are trained (all other student parameters are frozen until ``export``). A criterion
+    key's teacher side is therefore one layer name (never a tuple).
     """
+
+    feeds_teacher_inputs: ClassVar[bool] = True
 
 
 @dataclass
@@ -413,11 +613,11 @@ class KDLossRecord:
     ``parse`` checks the structure only (the record must already have passed
     ``check_record``); nothing is built, imported or called until the caller asks:
     ``build_losses`` (on the ``meta`` device first, to compare shapes), ``build_balancer`` and
-    ``allowed_teacher``.
+    ``teacher_for_restore``.
     """
 
     mode: str
-    pairs: tuple[tuple[str, str, dict], ...]
+    pairs: tuple[tuple[str, TeacherSide, dict], ...]
     balancer: dict | None
     expose_minimal_state_dict: bool
     teacher: dict
@@ -440,11 +640,18 @@ class KDLossRecord:
                 isinstance(item, dict)
                 and set(item) == _PAIR_KEYS
                 and isinstance(item["student_layer"], str)
-                and isinstance(item["teacher_layer"], str)
                 and isinstance(item["loss"], dict)
             ):
                 raise malformed(f"criterion entry {i} ({short_repr(item)})")
-            key = (item["student_layer"], item["teacher_layer"])
+            teacher_side = item["teacher_layer"]
+            if isinstance(teacher_side, list) and _is_layer_tuple(tuple(teacher_side)):
+                teacher_side = tuple(teacher_side)
+            elif not isinstance(teacher_side, str):
+                raise malformed(
+                    f"criterion entry {i}: `teacher_layer` {short_repr(teacher_side)} (expected "
+                    f"a string or a list of 1 to {MAX_TEACHERS} strings)"
+                )
+            key = (item["student_layer"], teacher_side)
             if key in seen:
                 raise malformed(f"criterion: the pair {short_repr(key)} is listed twice")
             seen.add(key)
@@ -471,36 +678,94 @@ class KDLossRecord:
             return None
         return build_object(self.balancer, BALANCERS)  # type: ignore[return-value]
 
-    def allowed_teacher(self) -> tuple[TeacherSpec | None, str]:
-        """The recorded teacher factory if the user allowed it, else ``None`` and the reason."""
-        record = self.teacher
-        if record["kind"] == "instance":
-            return None, (
-                f"the teacher was an nn.Module instance ({short_repr(record['class'])}) when "
-                "saved, and checkpoints never hold the teacher"
+    @property
+    def teacher_names(self) -> tuple[str, ...] | None:
+        """The recorded teachers' names (several named teachers), else ``None``."""
+        if self.teacher["kind"] != "dict":
+            return None
+        return tuple(self.teacher["teachers"])
+
+    def teacher_for_restore(self, teacher_model: Any = None) -> tuple[Any, str]:
+        """The ``teacher_model`` to convert with, or ``None`` and why it cannot be rebuilt.
+
+        A given ``teacher_model`` is used as it is (``convert`` then checks the criterion
+        against it), except that for several recorded teachers a dict (or ``TeacherDict``) may
+        give only some of them: every other one is rebuilt from its allowed factory, and if any
+        cannot be, the result is ``None``. Without ``teacher_model``, the recorded factories
+        are called if the user allowed them.
+
+        Raises:
+            TypeError: Several recorded teachers, and ``teacher_model`` is neither a dict of
+                them nor a module holding named teachers (``kd_teacher_names``).
+            ValueError: ``teacher_model`` names a teacher the record does not hold.
+        """
+        names = self.teacher_names
+        several = isinstance(teacher_model, Mapping | TeacherDict)
+        if names is None:
+            if teacher_model is None:
+                return _allowed_teacher(self.teacher)
+            return teacher_model, ""
+        if teacher_model is not None and not several:
+            if isinstance(teacher_model, nn.Module) and _kd_teacher_names(teacher_model):
+                return teacher_model, ""  # e.g. a CachedTeacher of these teachers
+            raise TypeError(
+                f"the checkpoint holds the teachers {describe_names(names)}: pass "
+                "teacher_model={name: teacher} for all or some of them (the others are rebuilt "
+                f"from allowed factories), got {type(teacher_model).__name__}."
             )
-        if record["kind"] == "unrecorded":
-            return None, (
-                "the teacher could not be recorded by name when saved "
-                f"({short_repr(record['reason'])})"
-            )
-        name = f"{record['module']}:{record['qualname']}"
-        factory = lookup_safe_factory(name)
-        if factory is None:
-            return None, (
-                f"its teacher factory {short_repr(name)} is not in kdistill's allow-list "
-                "(restore calls no function that a file names unless you allowed it)"
-            )
-        return TeacherSpec(
-            factory=factory, args=tuple(record["args"]), kwargs=dict(record["kwargs"])
-        ), ""
+        given = dict(teacher_model.items()) if teacher_model is not None else {}
+        for name in given:
+            if name not in names:
+                raise ValueError(
+                    unknown_name_message(
+                        "teacher in `teacher_model`",
+                        str(name),
+                        names,
+                        fix="Pass only teachers the checkpoint names.",
+                    )
+                )
+        teachers: dict[str, Any] = {}
+        problems = []
+        for name in names:  # the recorded order: state_dict keys and outputs stay the same
+            if name in given:
+                teachers[name] = given[name]
+                continue
+            spec, reason = _allowed_teacher(self.teacher["teachers"][name])
+            if spec is None:
+                problems.append(f"teacher {name!r} cannot be rebuilt: {reason}")
+            else:
+                teachers[name] = spec
+        if problems:
+            return None, "; ".join(problems)
+        return teachers, ""
+
+    def _factory_records(self) -> list[dict]:
+        records = (
+            [self.teacher] if self.teacher["kind"] != "dict" else self.teacher["teachers"].values()
+        )
+        return [r for r in records if r["kind"] == "factory"]
 
     @property
     def factory_hint(self) -> str:
-        """How to allow the recorded factory, for messages (empty when there is none)."""
-        if self.teacher["kind"] != "factory":
+        """How to allow the recorded factories not yet allowed, for messages (or empty)."""
+        names = [
+            f"{r['module']}.{r['qualname']}"
+            for r in self._factory_records()
+            if lookup_safe_factory(f"{r['module']}:{r['qualname']}") is None
+        ]
+        if not names:
             return ""
-        return f"kdistill.add_safe_factories([{self.teacher['module']}.{self.teacher['qualname']}])"
+        return f"kdistill.add_safe_factories([{', '.join(names)}])"
+
+    @property
+    def teacher_hint(self) -> str:
+        """How to pass the teacher(s) at restore, for messages."""
+        names = self.teacher_names
+        if names is None:
+            return "restore(student, f, teacher_model=...)"
+        example = ", ".join(f"{name!r}: ..." for name in names[:3])
+        more = ", ..." if len(names) > 3 else ""
+        return f"restore(student, f, teacher_model={{{example}{more}}}) (all or some of them)"
 
     def config(
         self,
@@ -517,6 +782,29 @@ class KDLossRecord:
         }
 
 
+def _allowed_teacher(record: dict) -> tuple[TeacherSpec | None, str]:
+    """A one-teacher record's factory if the user allowed it, else ``None`` and the reason."""
+    if record["kind"] == "instance":
+        return None, (
+            f"the teacher was an nn.Module instance ({short_repr(record['class'])}) when "
+            "saved, and checkpoints never hold the teacher"
+        )
+    if record["kind"] == "unrecorded":
+        return None, (
+            f"the teacher could not be recorded by name when saved ({short_repr(record['reason'])})"
+        )
+    name = f"{record['module']}:{record['qualname']}"
+    factory = lookup_safe_factory(name)
+    if factory is None:
+        return None, (
+            f"its teacher factory {short_repr(name)} is not in kdistill's allow-list "
+            "(restore calls no function that a file names unless you allowed it)"
+        )
+    return TeacherSpec(
+        factory=factory, args=tuple(record["args"]), kwargs=dict(record["kwargs"])
+    ), ""
+
+
 _TEACHER_KINDS = {
     "factory": {"kind", "module", "qualname", "args", "kwargs"},
     "instance": {"kind", "class"},
@@ -525,6 +813,30 @@ _TEACHER_KINDS = {
 
 
 def _check_teacher_record(record: Any) -> None:
+    """One teacher's record, or ``{"kind": "dict", "teachers": {name: one teacher's record}}``."""
+    if isinstance(record, dict) and record.get("kind") == "dict":
+        teachers = record.get("teachers")
+        if set(record) != {"kind", "teachers"} or not isinstance(teachers, dict):
+            raise malformed(f"teacher dict record {short_repr(record)}")
+        if not 1 <= len(teachers) <= MAX_TEACHERS:
+            raise malformed(
+                f"teacher dict record: it names {len(teachers)} teachers (expected 1 to "
+                f"{MAX_TEACHERS})"
+            )
+        for name, teacher in teachers.items():
+            problem = teacher_name_problem(name)
+            if problem is not None:
+                raise malformed(
+                    f"teacher dict record: the teacher name {short_repr(name)} {problem}"
+                )
+            if isinstance(teacher, dict) and teacher.get("kind") == "dict":
+                raise malformed(f"teacher dict record: teacher {name!r} is a nested dict")
+            _check_single_teacher_record(teacher)
+        return
+    _check_single_teacher_record(record)
+
+
+def _check_single_teacher_record(record: Any) -> None:
     kind = record.get("kind") if isinstance(record, dict) else None
     kind = kind if isinstance(kind, str) else None
     if (

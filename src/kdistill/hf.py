@@ -31,7 +31,7 @@ from ._validation import check_bool, check_int, check_positive, check_unit_inter
 from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer
 from .conversion import convert, export
 from .llm import compute_causal_lm_loss, is_causal_lm_recipe
-from .losses import LMHeadDistillationLoss, LogitsDistillationLoss
+from .losses import EnsembleLogitsDistillationLoss, LMHeadDistillationLoss, LogitsDistillationLoss
 from .model import LOSS_MODULES_KEY, TEACHER_KEY, DistillationModel
 from .onpolicy import (
     Completions,
@@ -49,6 +49,7 @@ __all__ = [
     "OnPolicyKDTrainer",
     "chunked_criterion",
     "default_criterion",
+    "default_multi_teacher_criterion",
     "next_token_mask",
 ]
 
@@ -80,6 +81,39 @@ def chunked_criterion(student_lm_head: nn.Module, teacher_lm_head: nn.Module) ->
     return LMHeadDistillationLoss(
         student_lm_head, teacher_lm_head, shift_labels=False, compute_student_loss=True
     )
+
+
+def default_multi_teacher_criterion(
+    teacher_names: Any,
+) -> dict[tuple[str, tuple[str, ...]], nn.Module]:
+    """The default ``KDTrainer`` criterion for several named teachers.
+
+    The forward KL to each teacher, uniformly weighted: ``Σ_k (1/K)·KL(p_k ‖ q)`` per token, as
+    one term ``{("", names): EnsembleLogitsDistillationLoss(combine="losses",
+    reduction="sum")}``, normalized by the target tokens like ``default_criterion()``.
+
+    Args:
+        teacher_names: The teachers' names, in order (e.g. ``list(teacher_model)``).
+    """
+    names = tuple(teacher_names)
+    loss = EnsembleLogitsDistillationLoss(temperature=1.0, combine="losses", reduction="sum")
+    return {("", names): loss}
+
+
+def _teacher_names(teacher_model: Any) -> tuple[str, ...] | None:
+    """The names of several teachers (a dict, a ``TeacherDict``), or None for one teacher."""
+    if isinstance(teacher_model, Mapping):
+        return tuple(teacher_model)
+    if isinstance(teacher_model, nn.Module):  # a TeacherDict, a CachedTeacher of several
+        names = getattr(teacher_model, "kd_teacher_names", None)
+        return None if names is None else tuple(names)
+    return None
+
+
+def _default_criterion_for(teacher_model: Any) -> Any:
+    """``default_criterion()``, or the multi-teacher one for a dict (or ``TeacherDict``)."""
+    names = _teacher_names(teacher_model)
+    return default_criterion() if names is None else default_multi_teacher_criterion(names)
 
 
 def next_token_mask(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -271,9 +305,12 @@ class KDTrainer(transformers.Trainer):
             ``kdistill.convert`` (then ``teacher_model``, ``criterion`` and ``loss_balancer``
             must be ``None``).
         teacher_model: The teacher: an ``nn.Module``, a class, or an importable factory (see
-            ``kdistill.convert``). Its vocabulary must match the student's for logit losses.
+            ``kdistill.convert``), or a dict ``{name: teacher}`` of several. Its vocabulary must
+            match the student's for logit losses.
         criterion: A loss or ``{(student_layer, teacher_layer): loss}``; default
-            ``default_criterion()`` (token-level forward KL).
+            ``default_criterion()`` (token-level forward KL), or for several teachers
+            ``default_multi_teacher_criterion(names)`` (the mean of the per-teacher forward
+            KLs).
         loss_balancer: Combines the student's loss and the KD losses; ``None`` trains on KD alone.
         args: The ``transformers.TrainingArguments``.
         chunked: Use the chunked path where it applies (see "Memory"); False always computes
@@ -333,7 +370,9 @@ class KDTrainer(transformers.Trainer):
         if not isinstance(model, DistillationModel):
             config = {
                 "teacher_model": teacher_model,
-                "criterion": self._full_logits_criterion() if criterion is None else criterion,
+                "criterion": self._full_logits_criterion(teacher_model)
+                if criterion is None
+                else criterion,
                 "loss_balancer": loss_balancer,
             }
             # check everything (and build the teacher once) now; convert again in train()
@@ -367,6 +406,8 @@ class KDTrainer(transformers.Trainer):
             why = "a criterion was given"
         elif not self._kd_shift_labels:
             why = f"{type(self.model).__name__} is not a causal LM"
+        elif _teacher_names(self._kd_config["teacher_model"]) is not None:
+            why = "there are several teachers (the chunked path takes one)"
         else:
             student_head, why_student = find_lm_head(self.model)
             teacher_head, why_teacher = find_lm_head(self._kd_config["teacher_model"])
@@ -381,9 +422,9 @@ class KDTrainer(transformers.Trainer):
         logger.info("KDTrainer: full-logits path ([B, T, V] logits), because %s.", why)
         return False
 
-    def _full_logits_criterion(self) -> nn.Module:
+    def _full_logits_criterion(self, teacher_model: Any) -> Any:
         """The criterion when none is given and the full-logits path is used."""
-        return default_criterion()
+        return _default_criterion_for(teacher_model)
 
     def _chunked_criterion(self, student_head: nn.Module, teacher_head: nn.Module) -> nn.Module:
         """The criterion when none is given and the chunked path is used."""
@@ -864,13 +905,17 @@ class OnPolicyKDTrainer(KDTrainer):
             raise ValueError(
                 f"OnPolicyKDTrainer distills causal LMs; {type(self.model).__name__} is not one."
             )
+        if self._kd_config is not None and _teacher_names(self._kd_config["teacher_model"]):
+            raise ValueError(
+                "OnPolicyKDTrainer takes one teacher; for several, use KDTrainer (off-policy)."
+            )
         self._mix_generator = torch.Generator().manual_seed(self.args.seed)
         self._sample_generator = self._new_sample_generator(self.args.process_index)
         self._sample_sums: dict[str, Tensor] = {}
         self.completion_samples: list[dict[str, str]] = []
 
     # ------------------------------------------------------------------ configuration hooks
-    def _full_logits_criterion(self) -> nn.Module:
+    def _full_logits_criterion(self, teacher_model: Any) -> nn.Module:
         """The divergence on full logits: the same loss, unbound (no lm_heads)."""
         return LMHeadDistillationLoss(
             temperature=self._temperature, shift_labels=False, **self._divergence

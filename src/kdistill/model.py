@@ -10,8 +10,13 @@ capture the paired layers' outputs, the teacher runs under ``no_grad`` in eval m
 Inner API for integrations (``hf``, ``lightning``, ``llm``, ``checkpoint``, ``cache``): the
 properties ``kd_pairs``, ``kd_modes``, ``original_cls``, ``teacher_model``, ``loss_modules``,
 ``loss_balancer``, ``expose_minimal_state_dict``, the methods ``accepted_loss_kwargs``,
-``align_teacher_`` and ``as_student``, and the teacher protocol ``set_kd_uses_`` (see
-``DistillationModel``).
+``align_teacher_`` and ``as_student``, and the teacher protocol ``set_kd_uses_`` /
+``kd_teacher_names`` (see ``DistillationModel``).
+
+Several named teachers are one ``TeacherDict`` module (``kdistill.teachers``), so nothing here
+depends on their number: hooks are registered by dotted name (``"big.blocks.11"``) as for one
+teacher. A pair whose teacher side is a tuple of layer names hands its loss the tuple of those
+layers' outputs.
 """
 
 import contextlib
@@ -121,7 +126,8 @@ class KDPair:
 
     Attributes:
         student_layer: Dotted name of the student layer (``""``: the model's output).
-        teacher_layer: Dotted name of the teacher layer.
+        teacher_layer: Dotted name of the teacher layer, or a tuple of them (the loss then
+            receives the tuple of their outputs, in this order).
         loss: The loss module, called as ``loss(student_out, teacher_out, **kwargs)``.
         key: Its name in ``compute_kd_loss``'s dict: ``f"{type(loss).__name__}_{i}"``.
         accepted_kwargs: Keyword names the loss's ``forward`` accepts; ``None`` for any
@@ -129,7 +135,7 @@ class KDPair:
     """
 
     student_layer: str
-    teacher_layer: str
+    teacher_layer: str | tuple[str, ...]
     loss: nn.Module
     key: str
     accepted_kwargs: frozenset[str] | None
@@ -161,7 +167,8 @@ class _KDState:
 
     teacher: nn.Module
     pairs: tuple[KDPair, ...]
-    pair_captures: tuple[tuple[_Capture, _Capture], ...]  # (student, teacher) per pair
+    # (student, teacher) per pair; a tuple of teacher captures for a tuple teacher side
+    pair_captures: tuple[tuple[_Capture, "_Capture | tuple[_Capture, ...]"], ...]
     captures: tuple[_Capture, ...]  # each capture once
     student_root: _Capture | None  # filled by forward() (a hook on self would also fire for
     teacher_root: _Capture | None  # only_teacher_forward, which returns the teacher's output)
@@ -190,10 +197,18 @@ class DistillationModel(nn.Module):
     If a forward raises (in the teacher or the student), everything captured is dropped, so the
     next ``compute_kd_loss`` raises "nothing captured" instead of mixing two batches.
 
+    Several teachers: with ``teacher_model={name: teacher}`` the teacher is a
+    ``kdistill.TeacherDict`` whose children are the named teachers; each runs on the same inputs
+    (in the dict's order, all under ``no_grad`` in eval mode, before the student), and criterion
+    names such as ``"big"`` or ``"big.blocks.11"`` resolve in it as for one teacher.
+
     Teacher protocol: a teacher module may define ``set_kd_uses_(uses)``. ``convert`` calls it
     with ``{teacher_layer: frozenset of KD_USE_OUTPUT / KD_USE_INPUTS}`` (what the model reads
     from each teacher layer; ``""`` is the teacher's output), and ``export`` with ``None``.
-    ``kdistill.CachedTeacher`` uses it to refuse layers its cache cannot serve.
+    ``kdistill.CachedTeacher`` uses it to refuse layers its cache cannot serve. A teacher that
+    holds several named teachers (``TeacherDict``, a ``CachedTeacher`` of several) exposes their
+    names as ``kd_teacher_names`` (a tuple of str); ``convert`` then checks the criterion as for
+    several teachers (no ``""`` teacher side, unknown names said per teacher).
 
     Attributes:
         original_cls: The student's own class (ModelOpt's name), a class attribute.
@@ -212,7 +227,7 @@ class DistillationModel(nn.Module):
     def setup_(
         self,
         teacher: nn.Module,
-        criterion: Mapping[tuple[str, str], nn.Module],
+        criterion: Mapping[tuple[str, str | tuple[str, ...]], nn.Module],
         balancer: DistillationLossBalancer | None,
         expose_minimal_state_dict: bool,
         layerwise: bool,
@@ -247,13 +262,18 @@ class DistillationModel(nn.Module):
             return captures[key]
 
         pairs, pair_captures, injected = [], [], []
-        for i, ((s_name, t_name), loss) in enumerate(criterion.items()):
-            keep_inputs = layerwise and s_name != ""
-            s_cap, t_cap = capture("student", s_name), capture("teacher", t_name, keep_inputs)
-            if keep_inputs:
-                injected.append((s_name, t_cap))
+        for i, ((s_name, t_side), loss) in enumerate(criterion.items()):
+            s_cap = capture("student", s_name)
+            t_cap: _Capture | tuple[_Capture, ...]
+            if isinstance(t_side, tuple):  # config refuses tuples for layerwise_kd
+                t_cap = tuple(capture("teacher", t_name) for t_name in t_side)
+            else:
+                keep_inputs = layerwise and s_name != ""
+                t_cap = capture("teacher", t_side, keep_inputs)
+                if keep_inputs:
+                    injected.append((s_name, t_cap))
             key = f"{type(loss).__name__}_{i}"
-            pairs.append(KDPair(s_name, t_name, loss, key, _accepted_kwargs(loss.forward)))
+            pairs.append(KDPair(s_name, t_side, loss, key, _accepted_kwargs(loss.forward)))
             pair_captures.append((s_cap, t_cap))
         uses: dict[str, set[str]] = {}
         for (side, layer), cap in captures.items():
@@ -355,7 +375,7 @@ class DistillationModel(nn.Module):
     # ------------------------------------------------------------------ inner API
     @property
     def teacher_model(self) -> nn.Module:
-        """The frozen teacher."""
+        """The frozen teacher (a ``TeacherDict`` of the named teachers for a dict teacher)."""
         return self._kd.teacher
 
     @property
@@ -576,7 +596,7 @@ class DistillationModel(nn.Module):
             ValueError: ``student_loss`` was given but there is no balancer to combine it.
         """
         kd = self._kd
-        captured = [(s.output, t.output) for s, t in kd.pair_captures]
+        captured = [(s.output, _teacher_output(t)) for s, t in kd.pair_captures]
         for capture in kd.captures:
             capture.clear()
         if any(s is None or t is None for s, t in captured):
@@ -621,6 +641,14 @@ class DistillationModel(nn.Module):
         if balancer is None:
             return next(iter(loss_dict.values()))
         return balancer(loss_dict)
+
+
+def _teacher_output(capture: _Capture | tuple[_Capture, ...]) -> Any:
+    """A pair's teacher output: one capture's, or the tuple of several (``None`` if any lacks)."""
+    if isinstance(capture, _Capture):
+        return capture.output
+    outputs = tuple(c.output for c in capture)
+    return None if any(o is None for o in outputs) else outputs
 
 
 def _shared_with(student: nn.Module, teacher: nn.Module) -> list[str]:

@@ -128,3 +128,14 @@ def test_bench_onpolicy_tiny(tmp_path):
         assert min(row["sampling_s"], row["scoring_s"], row["total_s"]) > 0
         assert 0 < row["mean_completion_length"] <= row["completion"]
         assert row["peak_extra_mb"] is None or row["peak_extra_mb"] >= 0
+
+
+@pytest.mark.integration
+def test_bench_multiteacher_mnist_tiny(bench_script, tmp_path):
+    out = tmp_path / "multiteacher.jsonl"
+    assert bench_script("bench_multiteacher_mnist").main(["--tiny", "--output", str(out)]) == 0
+    rows = {row["variant"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"alone", "kd_demo", "kd_second", "ensemble_probs", "ensemble_losses"}
+    for row in rows.values():
+        assert len(row["test_errors"]) == 1 and 0 <= row["mean"] <= row["test_samples"]
+        assert set(row["teacher_errors"]) == {"demo", "second"}

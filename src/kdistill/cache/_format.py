@@ -36,7 +36,10 @@ field's ``offset`` (bytes), ``dtype`` and ``shape``. The manifest also records t
 and version, the kdistill version, the teacher and data fingerprints, the number of samples,
 the layers (each with ``top_k``, ``null`` for a full layer, ``temperature`` and
 ``sample_shape``), the storage ``dtype`` and the structure of the teacher inputs
-(``input_keys``: ``null`` for one tensor, else the keyword names).
+(``input_keys``: ``null`` for one tensor, else the keyword names). A cache of several named
+teachers (built from ``{name: teacher}``) also records ``teacher_fingerprints``
+(``{name: fingerprint}``; the key is absent for one teacher), and each of its layer names starts
+with a teacher's name (``"big"``, ``"expert.fc"``).
 """
 
 import ctypes

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..teachers import MAX_TEACHERS, teacher_name_problem
 from ._files import atomic_write, cache_file, read_file
 from ._format import (
     FORMAT_NAME,
@@ -54,6 +55,8 @@ _TOP_KEYS = frozenset(
         "teacher_fingerprint",
     }
 )
+# several named teachers: {name: fingerprint}; absent for one teacher (format 1 as it was)
+_OPTIONAL_TOP_KEYS = frozenset({"teacher_fingerprints"})
 _LAYER_KEYS = frozenset({"name", "top_k", "temperature", "sample_shape"})
 _SHARD_KEYS = frozenset({"file", "num_samples", "nbytes", "sha256", "fields"})
 _FIELD_KEYS = frozenset({"offset", "dtype", "shape"})
@@ -163,6 +166,32 @@ def _check_layers(check: _Checker, manifest: dict[str, Any], has_shards: bool) -
             check.fail(f"{where}.sample_shape", f"must end with top_k ({top_k})", sample_shape)
 
 
+def _check_teachers(check: _Checker, manifest: dict[str, Any]) -> None:
+    """``teacher_fingerprints`` (several teachers): valid names, each layer inside one of them."""
+    if "teacher_fingerprints" not in manifest:
+        return
+    fingerprints = manifest["teacher_fingerprints"]
+    if not isinstance(fingerprints, dict) or not 1 <= len(fingerprints) <= MAX_TEACHERS:
+        check.fail(
+            "teacher_fingerprints",
+            f"must be an object of 1 to {MAX_TEACHERS} teacher fingerprints",
+            fingerprints,
+        )
+    for name, fingerprint in fingerprints.items():
+        problem = teacher_name_problem(name)
+        if problem is not None:
+            check.fail("teacher_fingerprints", f"has a teacher name that {problem}", name)
+        check.text(f"teacher_fingerprints[{name!r}]", fingerprint, _HEX64)
+    for i, layer in enumerate(manifest["layers"]):
+        if layer["name"].partition(".")[0] not in fingerprints:
+            check.fail(
+                f"layers[{i}].name",
+                f"must be a teacher of `teacher_fingerprints` or a layer of one "
+                f"({sorted(fingerprints)[:5]})",
+                layer["name"],
+            )
+
+
 def _check_shards(check: _Checker, manifest: dict[str, Any]) -> None:
     specs = None
     total = 0
@@ -219,7 +248,7 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
             f"version {FORMAT_VERSION}. Rebuild the cache with this version."
         )
     check = _Checker(path)
-    check.keys("", manifest, _TOP_KEYS)
+    check.keys("", manifest, _TOP_KEYS, _OPTIONAL_TOP_KEYS)
     check.text("kdistill_version", manifest["kdistill_version"])
     if manifest["byteorder"] != "little":
         check.fail("byteorder", "must be 'little'", manifest["byteorder"])
@@ -235,6 +264,7 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
     check.integer("num_samples", manifest["num_samples"], 0, _MAX_SIZE)
     shards = check.items("shards", manifest["shards"])
     _check_layers(check, manifest, has_shards=bool(shards))
+    _check_teachers(check, manifest)
     _check_shards(check, manifest)
     complete = manifest["complete"]
     if not isinstance(complete, bool):

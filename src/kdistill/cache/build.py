@@ -10,6 +10,11 @@ dataloader must therefore yield the same batches in the same order (``shuffle=Fa
 that fails before its first shard is finished leaves nothing behind (not even a directory it
 created), so a corrected call simply starts over.
 
+Several named teachers (``teacher={"big": big, "expert": expert}``) share one cache: they run
+together on each batch (as a ``kdistill.TeacherDict``), the cached layers are named ``"big"`` (a
+teacher's output) or ``"expert.fc"`` (a layer of one), and the manifest records each teacher's
+fingerprint (``teacher_fingerprints``) besides the fingerprint of all of them together.
+
 Three pieces do the work: ``TeacherRunner`` (``_runner.py``: the teacher in eval mode with hooks
 on the cached layers), ``ShardWriter`` (``_writer.py``: buffers computed batches, writes shards
 and the manifest) and ``Replay`` (``_replay.py``: keeps the finished shards that verify and checks
@@ -28,6 +33,7 @@ from torch import Tensor, nn
 
 from .._validation import check_int, check_positive
 from .._version import __version__
+from ..teachers import TeacherDict, describe_names, teacher_layer_problem
 from ._batch import input_keys, split_batch
 from ._files import remove_cache_files, remove_file
 from ._format import (
@@ -47,16 +53,38 @@ from ._replay import Replay, verified_prefix
 from ._runner import TeacherRunner
 from ._writer import ShardWriter
 
-__all__ = ["DEFAULT_SHARD_BYTES", "build_cache"]
+__all__ = ["DEFAULT_SHARD_BYTES", "as_teacher_module", "build_cache"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
 # Manifest keys that must agree between an existing (partial or complete) cache and a new build.
-_SETTINGS = ("teacher_fingerprint", "layers", "dtype")
+_SETTINGS = ("teacher_fingerprint", "teacher_fingerprints", "layers", "dtype")
+
+
+def as_teacher_module(teacher: Any) -> nn.Module:
+    """The teacher to run: a module, or a ``TeacherDict`` of a dict ``{name: module}``.
+
+    Raises:
+        TypeError: Neither a module nor a dict of modules.
+        ValueError: An empty dict, or a name that cannot name a teacher.
+    """
+    if isinstance(teacher, Mapping) and not isinstance(teacher, nn.Module):
+        if not teacher:
+            raise ValueError("`teacher` is an empty dict: give at least one {name: module}.")
+        return TeacherDict(teacher)
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(
+            f"`teacher` must be an nn.Module or a dict {{name: module}}, got "
+            f"{type(teacher).__name__}."
+        )
+    return teacher
 
 
 def _normalize_layers(teacher: nn.Module, layers: Any) -> list[str]:
+    names = teacher.kd_teacher_names if isinstance(teacher, TeacherDict) else None
+    if layers is None:
+        layers = list(names) if names is not None else [""]
     if isinstance(layers, str):
         layers = [layers]
     if not isinstance(layers, Iterable) or not all(isinstance(x, str) for x in layers):
@@ -66,7 +94,20 @@ def _normalize_layers(teacher: nn.Module, layers: Any) -> list[str]:
         raise ValueError("`layers` is empty: name at least one teacher layer ('' is the output).")
     if len(set(layers)) != len(layers):
         raise ValueError(f"`layers` has duplicates: {layers}.")
-    names = [n for n, _ in teacher.named_modules()]
+    module_names = [n for n, _ in teacher.named_modules()]
+    if names is not None:
+        if "" in layers:
+            raise ValueError(
+                f"`layers` names '' (the whole teacher), but there are several teachers "
+                f"{describe_names(names)}: cache each teacher's output by its name, e.g. "
+                f"layers={list(names)} (the default), and layers of them as '<teacher>.<layer>'."
+            )
+        for layer in layers:
+            problem = teacher_layer_problem(layer, names, module_names)
+            if problem is not None:
+                raise ValueError(f"`layers`: {problem}")
+        return layers
+    names = module_names
     unknown = [layer for layer in layers if layer not in names]
     if unknown:
         shown = names[:20]
@@ -96,6 +137,15 @@ def _normalize_top_k(top_k: Any, layers: list[str]) -> dict[str, int | None]:
 
 
 def _describe_difference(key: str, old: Any, new: Any) -> str:
+    if key == "teacher_fingerprints":
+        if not old or not new or set(old) != set(new):
+
+            def teachers(fingerprints: dict | None) -> str:
+                return describe_names(fingerprints) if fingerprints else "one unnamed teacher"
+
+            return f"the teachers differ (cache: {teachers(old)}, now: {teachers(new)})"
+        stale = [name for name in new if old[name] != new[name]]
+        return f"the weights of teacher(s) {describe_names(stale)} differ"
     if key == "teacher_fingerprint":
         return (
             f"the teacher's weights differ (cache fingerprint {str(old)[:12]}..., this teacher "
@@ -106,11 +156,12 @@ def _describe_difference(key: str, old: Any, new: Any) -> str:
 
 def _check_settings(path: Path, manifest: dict[str, Any], settings: dict[str, Any]) -> None:
     """Refuse to extend or reuse a cache built with other settings, naming every difference."""
-    diffs = [
-        _describe_difference(key, manifest[key], settings[key])
-        for key in _SETTINGS
-        if key != "layers" and manifest[key] != settings[key]
+    differ = [
+        key for key in _SETTINGS if key != "layers" and manifest.get(key) != settings.get(key)
     ]
+    if "teacher_fingerprints" in differ and "teacher_fingerprint" in differ:
+        differ.remove("teacher_fingerprint")  # said per teacher instead
+    diffs = [_describe_difference(key, manifest.get(key), settings.get(key)) for key in differ]
     keys = ("name", "top_k", "temperature")
     old_layers = [tuple(layer[k] for k in keys) for layer in manifest["layers"]]
     new_layers = [tuple(layer[k] for k in keys) for layer in settings["layers"]]
@@ -267,11 +318,11 @@ class _Build:
 
 
 def build_cache(
-    teacher: nn.Module,
+    teacher: nn.Module | Mapping[str, nn.Module],
     dataloader: Iterable[Any],
     path: str | Path,
     *,
-    layers: Any = ("",),
+    layers: Any = None,
     top_k: Any = None,
     temperature: float = 1.0,
     dtype: torch.dtype = torch.float16,
@@ -283,8 +334,7 @@ def build_cache(
 
     See ``TeacherCache.build`` for the arguments. Returns the cache directory.
     """
-    if not isinstance(teacher, nn.Module):
-        raise TypeError(f"`teacher` must be an nn.Module, got {type(teacher).__name__}.")
+    teacher = as_teacher_module(teacher)
     if dtype not in STORAGE_DTYPES:
         raise ValueError(
             f"`dtype` must be one of {[dtype_name(d) for d in STORAGE_DTYPES]}, got {dtype!r}."
@@ -298,6 +348,11 @@ def build_cache(
         raise ValueError(f"`path` {str(path)!r} exists and is not a directory.")
     settings: dict[str, Any] = {
         "teacher_fingerprint": teacher_fingerprint(teacher),
+        **(
+            {"teacher_fingerprints": {n: teacher_fingerprint(t) for n, t in teacher.items()}}
+            if isinstance(teacher, TeacherDict)
+            else {}  # one teacher: the manifest of format 1 as it always was
+        ),
         "layers": [
             {
                 "name": n,

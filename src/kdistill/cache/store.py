@@ -4,13 +4,14 @@ The format is described in ``kdistill.cache._format``, the batch convention in
 ``kdistill.cache._batch`` and the build (resuming) in ``kdistill.cache.build``.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..teachers import TeacherDict, describe_names
 from ._batch import split_batch
 from ._files import cache_file, file_sha256
 from ._format import dtype_from_name, sample_input_hashes, teacher_fingerprint
@@ -108,11 +109,11 @@ class TeacherCache:
     @classmethod
     def build(
         cls,
-        teacher: nn.Module,
+        teacher: nn.Module | Mapping[str, nn.Module],
         dataloader: Iterable[Any],
         path: str | Path,
         *,
-        layers: Sequence[str] | str = ("",),
+        layers: Sequence[str] | str | None = None,
         top_k: int | dict[str, int] | None = None,
         temperature: float = 1.0,
         dtype: torch.dtype = torch.float16,
@@ -136,12 +137,22 @@ class TeacherCache:
         with mode ``0o666`` minus the umask (like ``torch.save``); only the format's own files
         (``manifest.json``, ``shard-NNNNN.bin``) are written or deleted, never through a symlink.
 
+        Several named teachers, ``teacher={"big": big, "expert": expert}`` (or a
+        ``kdistill.TeacherDict``), share one cache: each batch runs all of them, the cached
+        layers are named ``"big"`` (a teacher's output) or ``"expert.fc"`` (a layer of one),
+        exactly as the criterion of a multi-teacher ``convert`` names them, and each teacher is
+        fingerprinted on its own (``teacher_fingerprints``). ``CachedTeacher`` then serves a
+        criterion written for the live teachers.
+
         Args:
-            teacher: The teacher model; its ``state_dict`` is fingerprinted into the manifest.
+            teacher: The teacher model, or a dict ``{name: model}`` of several; each
+                ``state_dict`` is fingerprinted into the manifest.
             dataloader: Iterable of batches (above), in a fixed order.
             path: Cache directory (created; must be new, empty, or an existing cache).
             layers: Teacher module names to cache (dotted, as for ``get_submodule``); ``""`` is
-                the teacher's output (a tensor, or the ``logits`` of a model output).
+                the teacher's output (a tensor, or the ``logits`` of a model output). Default:
+                ``[""]``, or for several teachers each teacher's output (``["big", "expert"]``;
+                ``""`` is refused there).
             top_k: ``None`` caches full outputs. An int ``k`` (or ``{layer: k}``) caches, for
                 those layers' last axis (the classes, V), what ``TopKTeacher.from_logits``
                 keeps: the top-k log-probabilities in ``dtype``, their indices (int32) and the
@@ -208,8 +219,20 @@ class TeacherCache:
 
     @property
     def teacher_fingerprint(self) -> str:
-        """SHA-256 of the teacher's state dict the cache was built from."""
+        """SHA-256 of the teacher's state dict the cache was built from (all teachers together)."""
         return self._manifest["teacher_fingerprint"]
+
+    @property
+    def teacher_fingerprints(self) -> dict[str, str] | None:
+        """``{name: fingerprint}`` of a cache of several named teachers, else ``None``."""
+        fingerprints = self._manifest.get("teacher_fingerprints")
+        return None if fingerprints is None else dict(fingerprints)
+
+    @property
+    def teacher_names(self) -> tuple[str, ...] | None:
+        """The names of the cached teachers (a cache of several), else ``None``."""
+        fingerprints = self._manifest.get("teacher_fingerprints")
+        return None if fingerprints is None else tuple(sorted(fingerprints))
 
     @property
     def data_fingerprint(self) -> str:
@@ -233,8 +256,15 @@ class TeacherCache:
         return self._layers[layer]
 
     # ------------------------------------------------------------------ checks
-    def check_teacher(self, teacher: nn.Module | str) -> None:
-        """Raise ``ValueError`` unless ``teacher`` (a module or fingerprint) built this cache."""
+    def check_teacher(self, teacher: nn.Module | str | Mapping[str, nn.Module]) -> None:
+        """Raise ``ValueError`` unless ``teacher`` (a module or fingerprint) built this cache.
+
+        For a cache of several named teachers, ``teacher`` may also be a dict (or
+        ``TeacherDict``) of all or some of them: each is compared with its own fingerprint.
+        """
+        if isinstance(teacher, Mapping | TeacherDict):
+            self._check_named_teachers(dict(teacher.items()))
+            return
         if isinstance(teacher, nn.Module):
             fingerprint = teacher_fingerprint(teacher)
         elif isinstance(teacher, str):
@@ -245,10 +275,51 @@ class TeacherCache:
                 f"{type(teacher).__name__}."
             )
         if fingerprint != self.teacher_fingerprint:
+            names = self.teacher_names
+            hint = (
+                ""
+                if names is None
+                else f" The cache holds the teachers {describe_names(names)}: pass "
+                "teacher={name: module} to check them one by one."
+            )
             raise ValueError(
                 f"The teacher cache at {str(self._path)!r} is stale: the teacher's weights differ "
                 f"(cache fingerprint {self.teacher_fingerprint[:12]}..., this teacher "
                 f"{fingerprint[:12]}...). Rebuild it with TeacherCache.build(..., overwrite=True)."
+                f"{hint}"
+            )
+
+    def _check_named_teachers(self, teachers: dict[Any, Any]) -> None:
+        fingerprints = self._manifest.get("teacher_fingerprints")
+        if fingerprints is None:
+            raise TypeError(
+                f"The teacher cache at {str(self._path)!r} holds one teacher's outputs; pass "
+                "that teacher (a module) or its fingerprint, not a dict of teachers."
+            )
+        if not teachers:
+            raise ValueError("`teacher` is an empty dict: name at least one cached teacher.")
+        unknown = [name for name in teachers if name not in fingerprints]
+        if unknown:
+            raise ValueError(
+                f"The teacher cache at {str(self._path)!r} holds no teacher(s) "
+                f"{describe_names(map(str, unknown))}; it holds "
+                f"{describe_names(sorted(fingerprints))}."
+            )
+        stale = []
+        for name, module in teachers.items():
+            if not isinstance(module, nn.Module | str):
+                raise TypeError(
+                    f"`teacher[{name!r}]` must be an nn.Module or a fingerprint string, got "
+                    f"{type(module).__name__}."
+                )
+            fingerprint = module if isinstance(module, str) else teacher_fingerprint(module)
+            if fingerprint != fingerprints[name]:
+                stale.append(name)
+        if stale:
+            raise ValueError(
+                f"The teacher cache at {str(self._path)!r} is stale: the weights of teacher(s) "
+                f"{describe_names(stale)} differ from the ones it was built from. Rebuild it "
+                "with TeacherCache.build(..., overwrite=True)."
             )
 
     def check_samples(self, sample_ids: Tensor, input_hashes: Tensor) -> None:

@@ -59,10 +59,18 @@ class CachedTeacher(nn.Module):
     with ``sample_ids(ids)``; with ids and ``verify_inputs`` (the default), the inputs' hashes
     must match those recorded at build time, so a dataset that changed is refused.
 
+    A cache of several named teachers (``TeacherCache.build({"big": ..., "expert": ...}, ...)``)
+    stands in for all of them: its layers ``"big"``, ``"expert.fc"`` are children at those
+    paths, ``kd_teacher_names`` lists the teachers (so ``convert`` checks the criterion as for
+    several live teachers), and the criterion written for the live teachers, tuple teacher sides
+    included, gives the same losses.
+
     Args:
         path: Cache directory (or an opened ``TeacherCache``).
         teacher: Optional live teacher (or its fingerprint string): the cache must have been
-            built from exactly these weights, else ``ValueError`` (stale cache).
+            built from exactly these weights, else ``ValueError`` (stale cache). For a cache of
+            several teachers, a dict ``{name: module}`` of all or some of them, each checked
+            against its own fingerprint.
         verify_inputs: With explicit sample ids, check each sample's input hash as well.
         output_dtype: dtype of returned values (top-k log-probs included); ``None`` keeps the
             storage dtype. Defaults to float32, what a float32 teacher returns.
@@ -89,7 +97,7 @@ class CachedTeacher(nn.Module):
         self,
         path: str | Path | TeacherCache,
         *,
-        teacher: nn.Module | str | None = None,
+        teacher: nn.Module | str | Mapping[str, nn.Module] | None = None,
         verify_inputs: bool = True,
         output_dtype: torch.dtype | None = torch.float32,
     ) -> None:
@@ -129,6 +137,11 @@ class CachedTeacher(nn.Module):
                 f"with an attribute of CachedTeacher ({name!r}); rename the teacher module or "
                 "cache its parent layer instead."
             )
+
+    @property
+    def kd_teacher_names(self) -> tuple[str, ...] | None:
+        """The cached teachers' names (teacher protocol; ``None`` for a one-teacher cache)."""
+        return self.cache.teacher_names
 
     def extra_repr(self) -> str:
         """Show the cache path and size."""

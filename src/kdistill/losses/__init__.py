@@ -6,7 +6,10 @@ from ._registry import get_loss_recipe as get_loss_recipe
 from ._registry import list_losses as list_losses
 from ._registry import register_loss as register_loss
 from ._registry import register_loss_recipe as register_loss_recipe
+from .cross_tokenizer import HybridULDLoss as HybridULDLoss
+from .cross_tokenizer import ULDLoss as ULDLoss
 from .dkd import DKDLoss as DKDLoss
+from .ensemble import EnsembleLogitsDistillationLoss as EnsembleLogitsDistillationLoss
 from .features import AttentionTransferLoss as AttentionTransferLoss
 from .features import CosineLoss as CosineLoss
 from .features import HintLoss as HintLoss
@@ -15,6 +18,7 @@ from .features import PKTLoss as PKTLoss
 from .features import RKDLoss as RKDLoss
 from .features import SimilarityPreservingLoss as SimilarityPreservingLoss
 from .lm_head import LMHeadDistillationLoss as LMHeadDistillationLoss
+from .lm_head_cross_tokenizer import LMHeadCrossTokenizerLoss as LMHeadCrossTokenizerLoss
 from .logits import JSDLoss as JSDLoss
 from .logits import LogitsDistillationLoss as LogitsDistillationLoss
 from .logits import ReverseKLLoss as ReverseKLLoss
@@ -29,8 +33,11 @@ __all__ = [
     "AttentionTransferLoss",
     "CosineLoss",
     "DKDLoss",
+    "EnsembleLogitsDistillationLoss",
     "HintLoss",
+    "HybridULDLoss",
     "JSDLoss",
+    "LMHeadCrossTokenizerLoss",
     "LMHeadDistillationLoss",
     "LogitDivergenceLoss",
     "LogitsDistillationLoss",
@@ -45,6 +52,7 @@ __all__ = [
     "TVDLoss",
     "TopKLogitsKLLoss",
     "TopKTeacher",
+    "ULDLoss",
     "get_loss",
     "get_loss_recipe",
     "list_losses",

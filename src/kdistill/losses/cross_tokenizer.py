@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._recipes import LossRecipe
 from .._validation import check_choice, check_non_negative, check_positive
 from ._divergences import forward_kl, upcast
 from ._registry import register_loss
@@ -297,6 +298,7 @@ class _CrossTokenizerLoss(nn.Module):
         return reduce_positions(per_position, self.reduction, 1, keep)
 
 
+@register_loss("uld", recipe=LossRecipe(lambda: ULDLoss(temperature=2.0)))
 class ULDLoss(_CrossTokenizerLoss):
     """Universal Logit Distillation (Boizard et al., 2024): transport between sorted probabilities.
 
@@ -357,6 +359,7 @@ def _check_ids(name: str, ids: Any) -> list[int]:
     return list(ids)
 
 
+@register_loss("hybrid_uld", recipe=LossRecipe(lambda: HybridULDLoss(temperature=2.0)))
 class HybridULDLoss(_CrossTokenizerLoss):
     """Exact KL on the tokens both vocabularies share, ULD on the rest (GOLD's hybrid).
 
@@ -494,7 +497,3 @@ class HybridULDLoss(_CrossTokenizerLoss):
         kl, uld = hybrid_uld_terms(student_log_probs, teacher_log_probs, index)
         loss = kl * (self.kl_weight * self.temperature**2)
         return loss if index.covers_both else loss + self.uld_weight * uld
-
-
-register_loss("uld", ULDLoss)
-register_loss("hybrid_uld", HybridULDLoss)

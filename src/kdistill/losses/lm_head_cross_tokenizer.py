@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._recipes import LossRecipe
 from .._validation import check_bool, check_choice, check_int
 from ._divergences import upcast
 from ._registry import register_loss
@@ -145,6 +146,9 @@ class _ChunkedCrossTokenizer(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
+@register_loss(
+    "lm_head_cross_tokenizer", recipe=LossRecipe(lambda: LMHeadCrossTokenizerLoss(temperature=2.0))
+)
 class LMHeadCrossTokenizerLoss(nn.Module):
     """ULD or hybrid ULD from final hidden states and two lm_heads of different vocabularies.
 
@@ -407,6 +411,3 @@ class LMHeadCrossTokenizerLoss(nn.Module):
         else:
             count = float(check_int("num_items_in_batch", num_items_in_batch, min_value=1))
         return kept / count
-
-
-register_loss("lm_head_cross_tokenizer", LMHeadCrossTokenizerLoss)
