@@ -559,7 +559,15 @@ class LMHeadDistillationLoss(nn.Module):
         positions = hidden_s.shape[:-1]
         keep = position_mask(positions, mask, labels, self.ignore_index)
         weights = self._token_weights(keep, positions, hidden_s.device, num_items_in_batch)
+        flat_s = hidden_s.reshape(-1, hidden_s.shape[-1])  # [N, D_s]
+        flat_t = hidden_t.reshape(-1, hidden_t.shape[-1])  # [N, D_t]
         flat_labels = None if labels is None else labels.reshape(-1)  # [N]
+        if keep is not None:
+            # dropped positions (weight 0: prompts, padding) cost no lm_head projection: keep
+            # only the kept rows (one host sync for their count)
+            rows = keep.reshape(-1).nonzero().squeeze(1)
+            flat_s, flat_t, weights = flat_s[rows], flat_t[rows], weights[rows]
+            flat_labels = None if flat_labels is None else flat_labels[rows]
         divergence_labels = None
         if self._divergence_needs_labels and flat_labels is not None:
             # dropped positions get class 0: their weight is 0, any valid class will do
@@ -578,10 +586,10 @@ class LMHeadDistillationLoss(nn.Module):
             need_grad_bias=grad_on and bias_s is not None and bias_s.requires_grad,
         )
         kd, ce = _ChunkedLMHeadDistillation.apply(
-            hidden_s.reshape(-1, hidden_s.shape[-1]),  # [N, D_s]
+            flat_s,
             weight_s,
             bias_s,
-            hidden_t.reshape(-1, hidden_t.shape[-1]),  # [N, D_t]
+            flat_t,
             weight_t,
             bias_t,
             weights * self.temperature**2,
