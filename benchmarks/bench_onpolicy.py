@@ -8,6 +8,9 @@ Variants (each in a fresh subprocess, so allocator caches of one cannot hide ano
 
 - ``kdistill``: ``kdistill.onpolicy.OnPolicyDistiller`` (default loss: reverse KL through the
   lm_heads, chunked; sampling through the student's ``generate``);
+- ``kdistill-trainer``: ``kdistill.hf.OnPolicyKDTrainer`` (the same defaults), one step through
+  its internals: ``_complete`` (sampling) and ``compute_loss`` (scoring + loss, the chunked
+  default) inside ``distilling()``;
 - ``trl``: TRL's ``DistillationTrainer`` (``beta=1``: reverse KL; its own chunked divergence
   kernel), one step through its internals: ``_generate_and_score_completions`` (sampling) and
   ``_compute_loss`` (scoring + loss). Skipped when ``trl`` does not import in ``--python``.
@@ -55,7 +58,7 @@ import torch
 from _memory import proc_status_kb, reset_peak_rss, trim_heap
 from _timing import environment, format_table, write_rows
 
-VARIANTS = ("kdistill", "trl")
+VARIANTS = ("kdistill", "kdistill-trainer", "trl")
 # (hidden, layers, attention heads, kv heads, intermediate)
 CONFIGS = {
     "tiny": {"student": (128, 1, 4, 4, 512), "teacher": (256, 2, 4, 4, 1024)},
@@ -137,23 +140,86 @@ def _kdistill_step_fns(args, student, teacher, prompts, check):
     return sample, loss, check_loss
 
 
-def _trl_step_fns(args, student, teacher, prompts, check):
+def _word_tokenizer(vocab_size: int):
+    """A word-level tokenizer "<0>" … "<V-1>" (no token is a substring of another)."""
     import tokenizers
     import transformers
-    import trl
-    from datasets import Dataset
 
-    vocab = {f"<{i}>": i for i in range(args.vocab)}  # no token inside another
+    vocab = {f"<{i}>": i for i in range(vocab_size)}
     word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<1>"))
     word_level.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=word_level,
         pad_token=f"<{PAD}>",
         eos_token=f"<{EOS}>",
         unk_token="<1>",
         padding_side="left",
     )
-    texts = [" ".join(f"<{i}>" for i in row.tolist()) for row in prompts]
+
+
+def _texts(prompts: torch.Tensor) -> list[str]:
+    return [" ".join(f"<{i}>" for i in row.tolist()) for row in prompts]
+
+
+def _trainer_step_fns(args, student, teacher, prompts, check):
+    import contextlib
+
+    import transformers
+
+    from kdistill.hf import OnPolicyKDTrainer
+    from kdistill.onpolicy import Completions
+
+    training_args = transformers.TrainingArguments(
+        tempfile.mkdtemp(),
+        per_device_train_batch_size=args.batch,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+    )
+    rows = [{"prompt": t} for t in _texts(prompts)]
+    trainer = OnPolicyKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=training_args,
+        train_dataset=rows,
+        processing_class=_word_tokenizer(args.vocab),
+        max_new_tokens=args.completion,
+    )
+    stack = contextlib.ExitStack()
+    model = stack.enter_context(trainer.distilling())  # stays converted for the benchmark
+    model.train()
+    collated = trainer.data_collator(rows)
+
+    def sample():
+        batch = trainer._complete(collated)
+        if not torch.equal(batch["input_ids"][:, : args.prompt], prompts):
+            raise RuntimeError("OnPolicyKDTrainer tokenized the prompts differently")
+        return batch
+
+    def loss(batch):
+        n_tokens = int((batch["labels"] != -100).sum())
+        return trainer.compute_loss(model, batch, num_items_in_batch=n_tokens), n_tokens
+
+    def check_loss():
+        completions = Completions.from_parts(prompts, None, check, None)
+        batch = {
+            "input_ids": completions.input_ids,
+            "attention_mask": completions.attention_mask,
+            "position_ids": completions.position_ids,
+            "labels": completions.labels(),
+        }
+        return trainer.compute_loss(model, batch)
+
+    return sample, loss, check_loss
+
+
+def _trl_step_fns(args, student, teacher, prompts, check):
+    import trl
+    from datasets import Dataset
+
+    tokenizer = _word_tokenizer(args.vocab)
+    texts = _texts(prompts)
     config = trl.DistillationConfig(
         tempfile.mkdtemp(),
         per_device_train_batch_size=args.batch,
@@ -205,7 +271,11 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     max_len = args.prompt + args.completion + 8
     student, teacher = build_models(args.config, args.vocab, max_len)
     prompts, check = _data(args)
-    make = _kdistill_step_fns if variant == "kdistill" else _trl_step_fns
+    make = {
+        "kdistill": _kdistill_step_fns,
+        "kdistill-trainer": _trainer_step_fns,
+        "trl": _trl_step_fns,
+    }[variant]
     sample, loss_fn, check_loss = make(args, student, teacher, prompts, check)
     student.train()
     with torch.no_grad():

@@ -35,6 +35,7 @@ from .losses import EnsembleLogitsDistillationLoss, LMHeadDistillationLoss, Logi
 from .model import LOSS_MODULES_KEY, TEACHER_KEY, DistillationModel
 from .onpolicy import (
     Completions,
+    CompletionSource,
     PromptCollator,
     SamplingConfig,
     choose_source,
@@ -583,8 +584,12 @@ class KDTrainer(transformers.Trainer):
             hidden_shape = hidden.shape if isinstance(hidden, Tensor) else torch.Size()
             loss_kwargs = self._kd_loss_kwargs(inputs, hidden_shape, num_items_in_batch)
             with_ce = "labels" in loss_kwargs and self._wants_student_loss()
+            # without a balancer the cross-entropy is only logged: no gradient for it
             kd_terms = distillation_model.compute_kd_loss(
-                skip_balancer=True, return_student_loss=with_ce, **loss_kwargs
+                skip_balancer=True,
+                return_student_loss=with_ce,
+                student_loss_grad=distillation_model.loss_balancer is not None,
+                **loss_kwargs,
             )
             student_loss = None
             if with_ce:
@@ -877,7 +882,7 @@ class OnPolicyKDTrainer(KDTrainer):
             raise ValueError(
                 "`divergence_kwargs` needs `divergence` (JSD's only argument is beta)."
             )
-        self._divergence = {"divergence": "jsd", "beta": self.beta}
+        self._divergence: dict[str, Any] = {"divergence": "jsd", "beta": self.beta}
         if divergence is not None:
             self._divergence = {"divergence": divergence, **dict(divergence_kwargs or {})}
         self._temperature = check_positive("temperature", temperature)
@@ -913,6 +918,7 @@ class OnPolicyKDTrainer(KDTrainer):
         self._sample_generator = self._new_sample_generator(self.args.process_index)
         self._sample_sums: dict[str, Tensor] = {}
         self.completion_samples: list[dict[str, str]] = []
+        self._tokenizer: Any = processing_class
 
     # ------------------------------------------------------------------ configuration hooks
     def _full_logits_criterion(self, teacher_model: Any) -> nn.Module:
@@ -940,7 +946,7 @@ class OnPolicyKDTrainer(KDTrainer):
     def _set_signature_columns_if_needed(self) -> None:
         # the collator reads the raw columns: keep them when Trainer removes unused ones
         if self._signature_columns is None:
-            self._signature_columns = ["prompt", "completion"]
+            self._signature_columns = ["prompt", "completion"]  # type: ignore[assignment]
 
     def _new_sample_generator(self, offset: int) -> torch.Generator:
         device = self.args.device
@@ -965,7 +971,9 @@ class OnPolicyKDTrainer(KDTrainer):
         finally:
             model.train(was_training)
 
-    def _complete(self, batch: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    def _complete(
+        self, batch: dict[str, Any], source: CompletionSource | None = None
+    ) -> dict[str, Any]:
         """Replace a prompt batch by prompt + completion (``input_ids``, ``labels``, ...)."""
         if "prompt_input_ids" not in batch:
             raise ValueError(
@@ -1024,7 +1032,7 @@ class OnPolicyKDTrainer(KDTrainer):
         return super().evaluation_loop(*args, **kwargs)
 
     # ------------------------------------------------------------------ logging
-    def _record_completions(self, completions: Completions, source: str) -> None:
+    def _record_completions(self, completions: Completions, source: CompletionSource) -> None:
         """Accumulate the completion statistics on device (no host sync per micro-batch)."""
         stats = {
             "rows": float(completions.input_ids.shape[0]),
@@ -1040,7 +1048,7 @@ class OnPolicyKDTrainer(KDTrainer):
             rows = slice(0, self.num_completions_to_log)
             prompts = completions.input_ids[rows, : completions.prompt_length]
             prompt_mask = completions.attention_mask[rows, : completions.prompt_length].bool()
-            decode = self.processing_class.decode
+            decode = self._tokenizer.decode
             self.completion_samples = [
                 {
                     "source": source,

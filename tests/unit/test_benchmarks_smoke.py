@@ -123,7 +123,7 @@ def test_bench_onpolicy_tiny(tmp_path):
     rows = {row["variant"]: row for row in map(json.loads, out.read_text().splitlines())}
     # TRL is optional (a scratch venv beside the pinned torch): skipped when absent
     trl = {"trl"} if importlib.util.find_spec("trl") else set()
-    assert set(rows) == {"kdistill"} | trl, stdout
+    assert set(rows) == {"kdistill", "kdistill-trainer"} | trl, stdout
     for row in rows.values():
         assert min(row["sampling_s"], row["scoring_s"], row["total_s"]) > 0
         assert 0 < row["mean_completion_length"] <= row["completion"]

@@ -146,7 +146,9 @@ class _PassThroughHead(nn.Module):
         self.weight = head.weight
         if getattr(head, "bias", None) is not None:
             self.bias = head.bias
-        object.__setattr__(self, "original", head)  # not a submodule: no duplicate parameters
+        # a plain attribute, not a submodule: no duplicate parameters
+        self.original: nn.Module
+        object.__setattr__(self, "original", head)
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """The hidden states, unchanged."""

@@ -63,7 +63,7 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     do_sample: bool = True
-    eos_token_id: int | tuple[int, ...] | None = None
+    eos_token_id: int | Sequence[int] | None = None
     pad_token_id: int | None = None
     backend: Literal["auto", "generate", "loop"] = "auto"
     _eos: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -228,15 +228,16 @@ def _sample_generate(
     }
     if config.do_sample:
         kwargs.update(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    generate = getattr(model, "generate")  # noqa: B009 (a method, not a submodule: for mypy)
     if generator is None:
-        return model.generate(input_ids=ids, attention_mask=mask.long(), **kwargs)
+        return generate(input_ids=ids, attention_mask=mask.long(), **kwargs)
     # generate has no generator argument: run it on the global RNG, seeded from `generator`,
     # inside fork_rng so the caller's global RNG state is left as it was
     seed = int(torch.randint(0, 2**62, (), generator=generator))
     devices = [ids.device] if ids.device.type != "cpu" else []
     with torch.random.fork_rng(devices=devices, device_type=ids.device.type):
         torch.manual_seed(seed)
-        return model.generate(input_ids=ids, attention_mask=mask.long(), **kwargs)
+        return generate(input_ids=ids, attention_mask=mask.long(), **kwargs)
 
 
 def sample_completions(
