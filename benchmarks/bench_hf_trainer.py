@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 from _memory import proc_status_kb, trim_heap
-from _timing import environment, format_table, write_rows
+from _timing import environment, format_table, interleaved_rounds, write_rows
 
 VARIANTS = ("default", "full", "modelopt")
 _REPO = Path(__file__).resolve().parent.parent
@@ -175,28 +175,17 @@ def _measure_isolated(variant: str, args: argparse.Namespace, vocab: int) -> dic
 
 
 def _rounds(args: argparse.Namespace, vocab: int) -> list[dict]:
-    """``--rounds`` runs of every variant, interleaved (the order rotates each round).
-
-    On a shared machine a burst of load then hits all variants alike. Per variant: the median
-    step time over the rounds and the largest peak memory.
-    """
-    runs: dict[str, list[dict]] = {}
-    variants = list(args.variants)
-    for round_index in range(args.rounds):
-        order = variants[round_index % len(variants) :] + variants[: round_index % len(variants)]
-        for variant in order:
-            row = _measure_isolated(variant, args, vocab)
-            if row is not None:
-                runs.setdefault(variant, []).append(row)
+    """``--rounds`` interleaved runs of every variant: the median step time, the largest peak."""
+    runs = interleaved_rounds(
+        args.variants, args.rounds, lambda v: _measure_isolated(v, args, vocab)
+    )
     group = []
-    for variant in variants:
-        if variant not in runs:
-            continue
-        rows = runs[variant]
+    for rows in runs.values():
         row = dict(rows[0])
         row["rounds"] = len(rows)
-        row["step_s"] = statistics.median(r["step_s"] for r in rows)
         row["step_s_rounds"] = [r["step_s"] for r in rows]
+        row["step_s"] = statistics.median(row["step_s_rounds"])
+        row["step_s_min"] = min(row["step_s_rounds"])
         for key in ("peak_rss_mb", "peak_extra_mb"):
             values = [r[key] for r in rows]
             row[key] = None if None in values else max(values)

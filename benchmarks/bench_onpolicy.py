@@ -20,7 +20,8 @@ weights (Llama configurations built from configs, seed 0, tied embeddings like S
 the same prompts. Before timing, each computes the loss of a fixed batch of completions; the
 values must agree (they are the same quantity).
 
-Measured per variant (median of ``--repeats`` steps after one warm-up step):
+Measured per variant (median of ``--repeats`` steps after one warm-up step, then the median over
+``--rounds`` interleaved runs, the variant order rotating each round):
 
 - ``sampling_s``: generating the completions (``max_new_tokens`` = completion length);
 - ``scoring_s``: the teacher's forward (timed by hooks on the teacher's backbone, which both
@@ -44,6 +45,7 @@ Commands (from the repository root; TRL lives in a scratch venv beside the pinne
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -56,7 +58,7 @@ from typing import Any
 
 import torch
 from _memory import proc_status_kb, reset_peak_rss, trim_heap
-from _timing import environment, format_table, write_rows
+from _timing import environment, format_table, interleaved_rounds, write_rows
 
 VARIANTS = ("kdistill", "kdistill-trainer", "trl")
 # (hidden, layers, attention heads, kv heads, intermediate)
@@ -66,6 +68,7 @@ CONFIGS = {
     "smoke": {"student": (16, 1, 2, 2, 32), "teacher": (32, 1, 2, 2, 64)},
 }
 EOS, PAD = 2, 0
+_OPEN_CONTEXTS = contextlib.ExitStack()
 _REPO = Path(__file__).resolve().parent.parent
 
 
@@ -162,8 +165,6 @@ def _texts(prompts: torch.Tensor) -> list[str]:
 
 
 def _trainer_step_fns(args, student, teacher, prompts, check):
-    import contextlib
-
     import transformers
 
     from kdistill.hf import OnPolicyKDTrainer
@@ -186,8 +187,9 @@ def _trainer_step_fns(args, student, teacher, prompts, check):
         processing_class=_word_tokenizer(args.vocab),
         max_new_tokens=args.completion,
     )
-    stack = contextlib.ExitStack()
-    model = stack.enter_context(trainer.distilling())  # stays converted for the benchmark
+    # the student stays converted for the whole benchmark (the stack lives in the module: a
+    # collected generator context would export it)
+    model = _OPEN_CONTEXTS.enter_context(trainer.distilling())
     model.train()
     collated = trainer.data_collator(rows)
 
@@ -330,6 +332,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
         import trl
 
         row["trl"] = trl.__version__
+    _OPEN_CONTEXTS.close()
     return row
 
 
@@ -362,6 +365,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     parser.add_argument("--completion", type=int, default=64, help="completion tokens (max)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after a warm-up")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved runs per variant")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the workers")
     parser.add_argument("--output", help="write rows to a .jsonl or .csv file")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -369,7 +373,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.tiny:
         args.configs, args.vocab, args.batch, args.prompt, args.completion = ["smoke"], 64, 2, 4, 4
-        args.repeats = 1
+        args.repeats, args.rounds = 1, 1
     if args.child:
         print(json.dumps(measure(args.child, args)))
         return []
@@ -377,7 +381,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = environment("cpu", torch.float32)
     rows: list[dict] = []
     for config in args.configs:
-        group = [r for v in args.variants if (r := _measure_isolated(v, args, config)) is not None]
+        runs = interleaved_rounds(
+            args.variants, args.rounds, lambda v, c=config: _measure_isolated(v, args, c)
+        )
+        group = []
+        for variant_rows in runs.values():
+            row = dict(variant_rows[0])
+            row["rounds"] = len(variant_rows)
+            for phase in ("sampling_s", "scoring_s", "loss_backward_s", "optimizer_s", "total_s"):
+                row[phase] = statistics.median(r[phase] for r in variant_rows)
+            row["total_s_rounds"] = [r["total_s"] for r in variant_rows]
+            peaks = [r["peak_extra_mb"] for r in variant_rows]
+            row["peak_extra_mb"] = None if None in peaks else max(peaks)
+            group.append(row)
         values = [r["check_loss"] for r in group]
         if max(values) - min(values) > 1e-4 * max(abs(v) for v in values) + 1e-6:
             raise RuntimeError(f"The variants disagree on the check loss ({config}): {values}")
