@@ -8,6 +8,7 @@ so only the global completion-token count gives the same update.
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,18 @@ def _run(tmp_dir: Path) -> dict[str, torch.Tensor]:
     return {**trainer.model.state_dict(), "on_policy_share": torch.tensor(sources)}
 
 
+def _exit_without_finalization() -> None:
+    """End a worker that succeeded without interpreter finalization.
+
+    gloo's C++ threads can abort a process during finalization (SIGABRT, "terminate called
+    without an active exception"; pytorch/pytorch#179291) after its results are written, which
+    would fail the test for a teardown that is not kdistill's.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank: int, port: int, out_dir: Path) -> None:
     torch.set_num_threads(1)
     os.environ.update(
@@ -104,9 +117,11 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
     try:
         state = _run(out_dir)
         torch.save(state, out_dir / f"onpolicy-rank{rank}.pt")
+        dist.barrier()  # no rank tears down while the other still communicates
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    _exit_without_finalization()
 
 
 def _free_port() -> int:
