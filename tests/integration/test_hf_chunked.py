@@ -287,3 +287,104 @@ def test_chunked_argument_must_be_a_bool(tmp_path):
         KDTrainer(
             model=tiny_llama(1), teacher_model=tiny_llama(1), args=make_args(tmp_path), chunked=1
         )
+
+
+def reference_loss(student, teacher, inputs, kd_weight, num_items):
+    """Float64 formula on the plain models' own logits: w·KL(p_t ‖ p_s) + (1 − w)·CE, per target.
+
+    Sums over the positions whose next label is a target, divided by ``num_items`` (Trainer's
+    count for the whole accumulated step) or by the micro-batch's own count.
+    """
+    ids, attention = inputs["input_ids"], inputs["attention_mask"]
+    s_log = student(input_ids=ids, attention_mask=attention).logits.double().log_softmax(-1)
+    with torch.no_grad():
+        t_log = teacher(input_ids=ids, attention_mask=attention).logits.double().log_softmax(-1)
+    keep = next_token_mask(inputs["labels"])
+    kl = (t_log.exp() * (t_log - s_log)).sum(-1)[keep].sum()
+    targets = inputs["labels"][:, 1:][keep[:, :-1]]
+    ce = -s_log[:, :-1][keep[:, :-1]].gather(-1, targets[:, None]).sum()
+    count = int(keep.sum()) if num_items is None else num_items
+    return (kd_weight * kl + (1 - kd_weight) * ce) / count
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("kd_weight", [1.0, 0.3], ids=["kd-only", "balanced"])
+def test_default_equals_float64_reference_with_padding_and_accumulation(tmp_path, name, kd_weight):
+    build = BUILDERS[name]
+    student, teacher = build(1), build(2, hidden=24)
+    reference_student = build(1)
+    reference_student.load_state_dict(student.state_dict())
+    balancer = None if kd_weight == 1.0 else mtd.StaticLossBalancer(kd_loss_weight=kd_weight)
+    trainer = KDTrainer(
+        model=student, teacher_model=teacher, loss_balancer=balancer, args=make_args(tmp_path)
+    )
+    assert trainer.chunked
+    inputs = batch_of(make_data(4, seed=5))
+    assert (inputs["attention_mask"] == 0).any(), "the batch must hold padding"
+    counted = int(next_token_mask(inputs["labels"]).sum())
+    for num_items in (None, 2 * counted + 1):  # 1 micro-batch of an accumulated step
+        with trainer.distilling() as model:
+            model.train()
+            model.zero_grad(set_to_none=True)
+            loss = trainer.compute_loss(model, inputs, num_items_in_batch=num_items)
+            loss.backward()
+            grads = {n: p.grad for n, p in student.named_parameters()}
+        reference_student.train()
+        reference_student.zero_grad(set_to_none=True)
+        expected = reference_loss(reference_student, teacher, inputs, kd_weight, num_items)
+        expected.backward()
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+        for param_name, param in reference_student.named_parameters():
+            torch.testing.assert_close(grads[param_name], param.grad, msg=param_name)
+
+
+class ScaledHead(torch.nn.Linear):
+    """An lm_head with extra state (a learned output scale): not a plain projection."""
+
+    def __init__(self, head: torch.nn.Linear) -> None:
+        super().__init__(head.in_features, head.out_features, bias=False)
+        self.weight = head.weight
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden) * self.scale
+
+
+def test_a_head_that_is_not_a_plain_projection_keeps_the_full_path(tmp_path, caplog):
+    student, teacher = tiny_llama(1), tiny_llama(2)
+    student.lm_head = ScaledHead(student.lm_head)
+    with caplog.at_level(logging.INFO, logger="kdistill.hf"):
+        trainer = KDTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path))
+    assert not trainer.chunked
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "kdistill.hf"]
+    assert "full-logits path" in message and "lm_head (ScaledHead)" in message
+    inputs = batch_of(make_data(2))
+    with trainer.distilling() as model:
+        loss = trainer.compute_loss(model, inputs)
+    with torch.no_grad():  # the head's scale is applied: the model's own logits are distilled
+        expected = reference_loss(student, teacher, inputs, kd_weight=1.0, num_items=None)
+    torch.testing.assert_close(loss.detach().double(), expected, rtol=1e-5, atol=1e-7)
+    assert type(student.lm_head) is ScaledHead
+
+
+def test_the_student_is_handed_back_plain_after_a_failed_step(tmp_path):
+    class Boom(transformers.TrainerCallback):
+        def on_step_end(self, *_, **__):
+            raise RuntimeError("boom")
+
+    student, teacher = tiny_gpt2(1), tiny_gpt2(2)
+    head, embedding = student.lm_head, student.transformer.wte
+    trainer = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, max_steps=2, per_device_train_batch_size=2),
+        train_dataset=make_data(4),
+        callbacks=[Boom()],
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert type(student) is transformers.GPT2LMHeadModel and student.lm_head is head
+    assert student.lm_head.weight is embedding.weight  # still tied
+    assert trainer.model is student
+    ids = torch.randint(0, VOCAB, (1, 4))
+    assert student(ids).logits.shape == (1, 4, VOCAB)
