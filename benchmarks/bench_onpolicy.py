@@ -272,6 +272,12 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     max_len = args.prompt + args.completion + 8
     student, teacher = build_models(args.config, args.vocab, max_len)
+    # counted before the trainer variant converts the student (its parameters then hold the
+    # teacher's)
+    params = {
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+    }
     prompts, check = _data(args)
     make = {
         "kdistill": _kdistill_step_fns,
@@ -324,8 +330,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
         "check_loss": check_value,
         **{f"{name}_s": statistics.median(times) for name, times in phases.items()},
         "peak_extra_mb": max(peaks) if None not in peaks else None,
-        "student_params": sum(p.numel() for p in student.parameters()),
-        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        **params,
         "threads": torch.get_num_threads(),
     }
     if variant == "trl":

@@ -128,6 +128,8 @@ def test_bench_onpolicy_tiny(tmp_path):
         assert min(row["sampling_s"], row["scoring_s"], row["total_s"]) > 0
         assert 0 < row["mean_completion_length"] <= row["completion"]
         assert row["peak_extra_mb"] is None or row["peak_extra_mb"] >= 0
+    # the same models in every variant (the trainer's converted student holds the teacher too)
+    assert len({(row["student_params"], row["teacher_params"]) for row in rows.values()}) == 1
 
 
 @pytest.mark.integration
