@@ -49,7 +49,6 @@ from torch import Tensor, nn
 import kdistill as mtd
 from kdistill._validation import check_int, check_positive, check_unit_interval
 from kdistill.cache import teacher_fingerprint
-from kdistill.losses.lm_head import LMHeadDistillationLoss
 from kdistill.onpolicy import OnPolicyDistiller, SamplingConfig, sample_completions
 
 from .llm import GGUF_FILE, LLMDemoConfig, build_student, load_or_build_topk_cache, perplexity
@@ -218,8 +217,8 @@ def _split_windows(
     )
 
 
-def _reverse_kl_loss() -> LMHeadDistillationLoss:
-    return LMHeadDistillationLoss(divergence="reverse_kl")
+def _reverse_kl_loss() -> mtd.LMHeadDistillationLoss:
+    return mtd.LMHeadDistillationLoss(divergence="reverse_kl")
 
 
 def _sampling(config: OnPolicyDemoConfig, pad_id: int) -> SamplingConfig:
