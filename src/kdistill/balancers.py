@@ -44,19 +44,7 @@ __all__ = [
 
 STUDENT_LOSS_KEY = "student_loss"
 
-BALANCERS: Registry[type[nn.Module]] = Registry("loss balancer")
-_RECIPES: dict[str, BalancerRecipe | ContractOptOut] = {}
-
 B = TypeVar("B", bound=type["DistillationLossBalancer"])
-
-
-def _register(name: str, cls: B, recipe: BalancerRecipe | ContractOptOut | None) -> B:
-    if not (isinstance(cls, type) and issubclass(cls, DistillationLossBalancer)):
-        raise TypeError(f"`cls` must subclass DistillationLossBalancer, got {cls!r}.")
-    BALANCERS.register(name, cls)
-    if recipe is not None:
-        _RECIPES[name] = recipe
-    return cls
 
 
 @overload
@@ -88,20 +76,9 @@ def register_balancer(
         >>> get_balancer("static") is StaticLossBalancer
         True
     """
-    if recipe is not None and not isinstance(recipe, BalancerRecipe | ContractOptOut):
-        raise TypeError(
-            f"`recipe` must be a kdistill.testing.BalancerRecipe, a ContractOptOut or None, got "
-            f"{type(recipe).__name__}."
-        )
     if cls is None:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"`name` must be a non-empty string, got {name!r}.")
-
-        def decorator(cls: B) -> B:
-            return _register(name, cls, recipe)
-
-        return decorator
-    return _register(name, cls, recipe)
+        return BALANCERS.decorator(name, recipe)
+    return BALANCERS.register(name, cls, recipe)
 
 
 def register_balancer_recipe(
@@ -113,13 +90,7 @@ def register_balancer_recipe(
         TypeError: ``recipe`` is not a ``BalancerRecipe`` or ``ContractOptOut``.
         ValueError: ``name`` is not a registered balancer, or already has a recipe.
     """
-    if not isinstance(recipe, BalancerRecipe | ContractOptOut):
-        raise TypeError(f"`recipe` must be a BalancerRecipe, got {type(recipe).__name__}.")
-    BALANCERS.get(name)
-    if name in _RECIPES:
-        raise ValueError(f"A balancer recipe for {name!r} is already registered.")
-    _RECIPES[name] = recipe
-    return recipe
+    return BALANCERS.add_recipe(name, recipe)
 
 
 def get_balancer_recipe(name: str) -> BalancerRecipe | ContractOptOut | None:
@@ -128,13 +99,12 @@ def get_balancer_recipe(name: str) -> BalancerRecipe | ContractOptOut | None:
     Raises:
         ValueError: ``name`` is not a registered balancer.
     """
-    BALANCERS.get(name)
-    return _RECIPES.get(name)
+    return BALANCERS.recipe(name)
 
 
 def get_balancer(name: str) -> type["DistillationLossBalancer"]:
     """Return the balancer class registered under ``name``."""
-    return BALANCERS.get(name)  # type: ignore[return-value]
+    return BALANCERS.get(name)
 
 
 def list_balancers() -> list[str]:
@@ -174,6 +144,11 @@ class DistillationLossBalancer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, loss_dict: dict[str, Tensor]) -> Tensor:
         """Combine ``loss_dict`` into the total loss."""
+
+
+BALANCERS: Registry[type[DistillationLossBalancer], BalancerRecipe | ContractOptOut] = Registry(
+    "loss balancer", DistillationLossBalancer, (BalancerRecipe, ContractOptOut)
+)
 
 
 def _check_weights(name: str, value: Any, max_value: float) -> float | list[float]:

@@ -30,6 +30,8 @@ from .._recipes import (
     ContractOptOut,
     LossInputs,
     LossRecipe,
+    cross_vocab_logit_inputs,
+    ensemble_logit_inputs,
     feature_inputs,
     labelled_logit_inputs,
     logit_inputs,
@@ -51,6 +53,8 @@ __all__ = [
     "LossInputs",
     "LossRecipe",
     "balancer_recipe",
+    "cross_vocab_logit_inputs",
+    "ensemble_logit_inputs",
     "feature_inputs",
     "labelled_logit_inputs",
     "logit_inputs",
@@ -196,9 +200,10 @@ class LossContract:
             self._scalar(self._call(loss, inputs), f"finite_low_precision ({dtype})")
 
     def check_zero_when_equal(self) -> None:
-        """The loss is 0 when the student input equals the teacher input."""
+        """The loss is 0 when the student input equals the teacher input (each of them)."""
         inputs = self._inputs()
-        equal = replace(inputs, student=inputs.teacher.clone())
+        first = inputs.teachers[0]
+        equal = replace(inputs, student=first.clone(), teacher=inputs.map_teacher(lambda _: first))
         value = self._scalar(self._call(self.recipe.make_loss(), equal), "zero_when_equal")
         if abs(value) > ZERO_TOL:
             raise self._fail("zero_when_equal", f"loss(x, x) = {value}, expected 0")
@@ -217,7 +222,7 @@ class LossContract:
         """Adding a constant to the student or teacher logits changes nothing."""
         loss = self.recipe.make_loss()
         inputs = self._inputs()
-        shifted = replace(inputs, student=inputs.student + 3.5, teacher=inputs.teacher - 2.0)
+        shifted = inputs.map(lambda s: s + 3.5, lambda t: t - 2.0)
         expected, got = self._call(loss, inputs), self._call(loss, shifted)
         if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):  # float32 softmax rounding
             raise self._fail(
@@ -236,7 +241,7 @@ class LossContract:
         mask = self._mask(inputs)
         subset = LossInputs(
             inputs.student[mask],
-            inputs.teacher[mask],
+            inputs.map_teacher(lambda t: t[mask]),
             None if inputs.labels is None else inputs.labels[mask],
         )
         expected = self._call(loss, subset)
@@ -285,9 +290,13 @@ class LossContract:
         loss = self.recipe.make_loss()
         inputs = self._inputs()
         student = inputs.student.clone().requires_grad_(True)
-        teacher = inputs.teacher.clone().requires_grad_(True)
-        self._call(loss, replace(inputs, student=student, teacher=teacher)).backward()
-        if teacher.grad is not None:
+        with_grad = replace(
+            inputs,
+            student=student,
+            teacher=inputs.map_teacher(lambda t: t.clone().requires_grad_(True)),
+        )
+        self._call(loss, with_grad).backward()
+        if any(teacher.grad is not None for teacher in with_grad.teachers):
             raise self._fail("teacher_gets_no_grad", "the teacher input received a gradient")
         if student.grad is None or not torch.isfinite(student.grad).all():
             raise self._fail(
