@@ -21,6 +21,7 @@ import copy
 import json
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,14 +37,10 @@ from .._recipes import (
     labelled_logit_inputs,
     logit_inputs,
 )
+from .._registry import Registry
 from .._serialization import build_object, describe_object
-from ..balancers import (
-    BALANCERS,
-    STUDENT_LOSS_KEY,
-    get_balancer_recipe,
-    register_balancer_recipe,
-)
-from ..losses._registry import LOSSES, get_loss_recipe, register_loss_recipe
+from ..balancers import BALANCERS, STUDENT_LOSS_KEY, register_balancer_recipe
+from ..losses._registry import LOSSES, register_loss_recipe
 
 __all__ = [
     "BalancerContract",
@@ -68,22 +65,28 @@ EXTREME = 1e4
 ZERO_TOL = 1e-5
 
 
+def _declared_recipe(registry: Registry, name: str, register: str, example: str) -> Any:
+    """The recipe ``registry`` holds for ``name``; a ``ValueError`` saying how to add one."""
+    recipe = registry.recipe(name)
+    if recipe is None:
+        recipe_cls = registry.recipe_types[0].__name__
+        raise ValueError(
+            f"{registry.kind.capitalize()} {name!r} is registered without a contract recipe, so "
+            f"the contract suite cannot test it. Declare one where it is registered: "
+            f"@{register}({name!r}, recipe={recipe_cls}(lambda: {example}(...))), or call "
+            f"kdistill.testing.{register}_recipe({name!r}, {recipe_cls}(...)). If the generic "
+            "contract cannot apply, opt out with recipe=ContractOptOut('why')."
+        )
+    return recipe
+
+
 def loss_recipe(name: str) -> LossRecipe | ContractOptOut:
     """The contract recipe registered with the loss ``name`` (or its opt-out).
 
     Raises:
         ValueError: ``name`` is not a registered loss, or was registered without a recipe.
     """
-    recipe = get_loss_recipe(name)
-    if recipe is None:
-        raise ValueError(
-            f"Loss {name!r} is registered without a contract recipe, so the contract suite "
-            f"cannot test it. Declare one where it is registered: "
-            f"@register_loss({name!r}, recipe=LossRecipe(lambda: MyLoss(...), ...)), or call "
-            f"kdistill.testing.register_loss_recipe({name!r}, LossRecipe(...)). If the generic "
-            "contract cannot apply, opt out with recipe=ContractOptOut('why')."
-        )
-    return recipe
+    return _declared_recipe(LOSSES, name, "register_loss", "MyLoss")
 
 
 def _off_meta_tensors(module: nn.Module) -> list[str]:
@@ -343,16 +346,7 @@ def balancer_recipe(name: str) -> BalancerRecipe | ContractOptOut:
     Raises:
         ValueError: ``name`` is not a registered balancer, or was registered without a recipe.
     """
-    recipe = get_balancer_recipe(name)
-    if recipe is None:
-        raise ValueError(
-            f"Balancer {name!r} is registered without a contract recipe, so the contract suite "
-            f"cannot test it. Declare one where it is registered: "
-            f"@register_balancer({name!r}, recipe=BalancerRecipe(lambda: MyBalancer(...))), or "
-            f"call kdistill.testing.register_balancer_recipe({name!r}, BalancerRecipe(...)). If "
-            "the generic contract cannot apply, opt out with recipe=ContractOptOut('why')."
-        )
-    return recipe
+    return _declared_recipe(BALANCERS, name, "register_balancer", "MyBalancer")
 
 
 class BalancerContract:
