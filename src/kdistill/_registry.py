@@ -7,7 +7,7 @@ them up here), and the contract suites of ``kdistill.testing`` find each class's
 """
 
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from torch import nn
 
@@ -17,6 +17,7 @@ __all__ = ["Registry"]
 
 T = TypeVar("T", bound=type)
 R = TypeVar("R")
+C = TypeVar("C", bound=type)  # a registered class, returned as it came
 
 
 class Registry(Generic[T, R]):
@@ -37,7 +38,7 @@ class Registry(Generic[T, R]):
         self._recipes: dict[str, R] = {}
 
     # ------------------------------------------------------------------ registration
-    def register(self, name: str, cls: T, recipe: R | None = None) -> T:
+    def register(self, name: str, cls: C, recipe: R | None = None) -> C:
         """Register ``cls`` under ``name`` (with its recipe); returns ``cls``.
 
         Raises:
@@ -57,17 +58,17 @@ class Registry(Generic[T, R]):
                 f"A {self.kind} named {name!r} is already registered "
                 f"({self._by_name[name].__qualname__}). Pick another name."
             )
-        self._by_name[name] = cls
+        self._by_name[name] = cast(T, cls)  # checked: a subclass of `base`
         if recipe is not None:
             self._recipes[name] = recipe
         return cls
 
-    def decorator(self, name: str, recipe: R | None = None) -> Callable[[T], T]:
+    def decorator(self, name: str, recipe: R | None = None) -> Callable[[C], C]:
         """A class decorator that registers the class under ``name`` (arguments checked now)."""
         self._check_recipe(recipe, allow_none=True)
         _check_name(name)
 
-        def register(cls: T) -> T:
+        def register(cls: C) -> C:
             return self.register(name, cls, recipe)
 
         return register

@@ -12,8 +12,8 @@ no parameters, so a checkpoint records them by registered name and constructor a
 import abc
 import math
 import numbers
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, overload
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast, overload
 
 from torch import Tensor, nn
 
@@ -40,6 +40,7 @@ __all__ = [
     "list_balancers",
     "register_balancer",
     "register_balancer_recipe",
+    "sum_losses",
 ]
 
 STUDENT_LOSS_KEY = "student_loss"
@@ -110,6 +111,25 @@ def get_balancer(name: str) -> type["DistillationLossBalancer"]:
 def list_balancers() -> list[str]:
     """Names of every registered balancer, sorted."""
     return BALANCERS.names()
+
+
+def sum_losses(losses: Iterable[Tensor]) -> Tensor:
+    """``l₀ + l₁ + … + lₙ₋₁``: the sum of loss terms, added in order from the first.
+
+    Python's ``sum`` starts from the int ``0``, which adds an op and a backward node per step;
+    this starts from the first term, so one term comes back as it is.
+
+    Raises:
+        ValueError: ``losses`` is empty.
+    """
+    iterator = iter(losses)
+    try:
+        total = next(iterator)
+    except StopIteration:
+        raise ValueError("sum_losses() got no loss term to add.") from None
+    for loss in iterator:
+        total = total + loss
+    return total
 
 
 class DistillationLossBalancer(nn.Module, abc.ABC):
@@ -208,10 +228,7 @@ class StaticLossBalancer(DistillationLossBalancer):
                 f"{len(kd_losses)} KD loss(es): {list(kd_losses)}."
             )
         weights, student_weight = self._current_weights()
-        terms = [w * loss for w, loss in zip(weights, kd_losses.values(), strict=True)]
-        total = terms[0]  # not sum(): its int 0 start adds an op and a backward node
-        for term in terms[1:]:
-            total = total + term
+        total = sum_losses(w * loss for w, loss in zip(weights, kd_losses.values(), strict=True))
         if student_weight > 0:
             if student_loss is None:
                 raise ValueError(
@@ -220,7 +237,7 @@ class StaticLossBalancer(DistillationLossBalancer):
                     "`compute_kd_loss`. Pass `student_loss=...` or make the weights sum to 1."
                 )
             total = total + student_weight * student_loss
-        return total  # type: ignore[return-value]
+        return total
 
     def _current_weights(self) -> tuple[list[float], float]:
         """The KD weights and the student loss weight used by the next ``forward``."""
@@ -314,8 +331,8 @@ class DynamicLossBalancer(DistillationLossBalancer):
                 "`compute_kd_loss`. Pass `student_loss=...`, or use `reference=0` with "
                 "`student_loss_weight=0`."
             )
-        if self.reference == STUDENT_LOSS_KEY:
-            reference = student_loss
+        if isinstance(self.reference, str):  # STUDENT_LOSS_KEY: given, checked just above
+            reference = cast(Tensor, student_loss)
         elif self.reference < len(kd_values):
             reference = kd_values[self.reference]
         else:
@@ -330,10 +347,10 @@ class DynamicLossBalancer(DistillationLossBalancer):
                 return term
             return term * (magnitude / term.detach().abs().clamp(min=self.eps))
 
-        total = sum(w * matched(loss) for w, loss in zip(weights, kd_values, strict=True))
-        if self.student_loss_weight > 0:
-            total = total + self.student_loss_weight * matched(student_loss)
-        return total  # type: ignore[return-value]
+        total = sum_losses(w * matched(loss) for w, loss in zip(weights, kd_values, strict=True))
+        if self.student_loss_weight > 0:  # then the student loss was given (checked above)
+            total = total + self.student_loss_weight * matched(cast(Tensor, student_loss))
+        return total
 
 
 _SCHEDULES = ("constant", "linear_warmup", "cosine")

@@ -216,7 +216,8 @@ def _parse_teacher(
         return value
     if isinstance(value, nn.Module):
         return TeacherSpec(instance=value)
-    factory, args, kwargs = value, (), {}
+    factory, args = value, ()
+    kwargs: dict[str, Any] = {}
     if isinstance(value, tuple):
         if not 1 <= len(value) <= 3:
             errors.add(

@@ -141,9 +141,12 @@ def add_factory_arguments(
         positional: A positional argument instead of the option ``--name``.
         required: The option is required (options only).
     """
-    flag = {} if positional else {"required": required}
-    option = name if positional else f"--{name}"
-    parser.add_argument(option, type=factory_spec, metavar="MODULE:FACTORY", help=help, **flag)
+    if positional:
+        parser.add_argument(name, type=factory_spec, metavar="MODULE:FACTORY", help=help)
+    else:
+        parser.add_argument(
+            f"--{name}", type=factory_spec, metavar="MODULE:FACTORY", help=help, required=required
+        )
     parser.add_argument(
         f"--{name}-kwargs",
         type=json_object,

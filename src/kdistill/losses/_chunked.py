@@ -17,7 +17,7 @@ Here: the lm_head checks and binding (``LMHeadLossBase``), the per-row weights
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,8 @@ __all__ = ["ChunkSpec", "LMHeadLossBase", "chunked_divergence", "token_weights"]
 _CONSUMED: Any = object()
 
 
-def _check_head(head: Any, role: str) -> None:
+def _check_head(head: Any, role: str) -> int:
+    """Raise ``TypeError`` unless ``head`` is an lm_head; return its vocabulary size V."""
     weight = getattr(head, "weight", None)
     if not isinstance(head, nn.Module) or not isinstance(weight, Tensor) or weight.ndim != 2:
         raise TypeError(
@@ -45,6 +46,12 @@ def _check_head(head: Any, role: str) -> None:
             f"`{role}_lm_head.bias` must be None or a tensor of shape [{weight.shape[0]}], got "
             f"{getattr(bias, 'shape', type(bias).__name__)}."
         )
+    return weight.shape[0]
+
+
+def _weight_and_bias(head: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """An lm_head's ``weight`` and ``bias`` (checked by ``_check_head`` when it was bound)."""
+    return cast(Tensor, head.weight), cast("Tensor | None", getattr(head, "bias", None))
 
 
 class LMHeadLossBase(nn.Module):
@@ -82,9 +89,9 @@ class LMHeadLossBase(nn.Module):
             TypeError: A head has no 2-D ``weight``.
             ValueError: The loss cannot compare these vocabulary sizes.
         """
-        _check_head(student_lm_head, "student")
-        _check_head(teacher_lm_head, "teacher")
-        self._check_vocab_sizes(student_lm_head.weight.shape[0], teacher_lm_head.weight.shape[0])
+        student_vocab = _check_head(student_lm_head, "student")
+        teacher_vocab = _check_head(teacher_lm_head, "teacher")
+        self._check_vocab_sizes(student_vocab, teacher_vocab)
         self._lm_heads = (student_lm_head, teacher_lm_head)
 
     def _check_vocab_sizes(self, student_vocab: int, teacher_vocab: int) -> None:
@@ -106,14 +113,9 @@ class LMHeadLossBase(nn.Module):
         """``(weight_s, bias_s, weight_t, bias_t)``: the teacher's detached; all None unbound."""
         if self._lm_heads is None:
             return None, None, None, None
-        student_head, teacher_head = self._lm_heads
-        bias_t = getattr(teacher_head, "bias", None)
-        return (
-            student_head.weight,
-            getattr(student_head, "bias", None),
-            teacher_head.weight.detach(),
-            None if bias_t is None else bias_t.detach(),
-        )
+        weight_s, bias_s = _weight_and_bias(self._lm_heads[0])
+        weight_t, bias_t = _weight_and_bias(self._lm_heads[1])
+        return weight_s, bias_s, weight_t.detach(), None if bias_t is None else bias_t.detach()
 
     @staticmethod
     def _check_hidden(role: str, hidden: Tensor, weight: Tensor | None) -> None:
@@ -274,7 +276,7 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]  # torch's base is (ctx, *args, **kwargs)
+    def forward(
         ctx: Any,
         hidden_s: Tensor,
         weight_s: Tensor | None,
@@ -299,8 +301,12 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
             grads[key] = [
                 torch.zeros_like(hidden_s) if need_grad_hidden else None,
                 # float32 accumulators: many chunks are summed, low precision would lose them
-                torch.zeros_like(weight_s, dtype=acc_dtype) if need_grad_weight else None,
-                torch.zeros_like(bias_s, dtype=acc_dtype) if need_grad_bias else None,
+                None
+                if weight_s is None or not need_grad_weight
+                else torch.zeros_like(weight_s, dtype=acc_dtype),
+                None
+                if bias_s is None or not need_grad_bias
+                else torch.zeros_like(bias_s, dtype=acc_dtype),
             ]
         totals = {key: hidden_s.new_zeros((), dtype=acc_dtype) for key in keys}
         needs_any_grad = any(needs)
@@ -357,9 +363,7 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
         return totals["kd"], totals.get("ce", totals["kd"].new_zeros(()))
 
     @staticmethod
-    def backward(  # type: ignore[override]  # torch's base is (ctx, *grad_outputs)
-        ctx: Any, grad_kd: Tensor, grad_ce: Tensor
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_kd: Tensor, grad_ce: Tensor) -> tuple[Tensor | None, ...]:
         outputs: list[Tensor | None] = [None, None, None]
         for key, grad_output in (("kd", grad_kd), ("ce", grad_ce)):
             if key not in ctx.grads:
@@ -413,7 +417,7 @@ def _sub_chunk(
             tempered_log_probs(logits, spec.temperature), teacher_log_probs, divergence_labels
         )
         losses = {"kd": (per_row * kd_weights).sum()}
-        if ce_targets is not None:
+        if ce_targets is not None and ce_weights is not None:
             per_row_ce = F.cross_entropy(
                 logits, ce_targets, ignore_index=spec.ignore_index, reduction="none"
             )

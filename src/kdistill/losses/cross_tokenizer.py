@@ -67,13 +67,15 @@ def _gather(values: Tensor, positions: Tensor) -> Tensor:
 
 def check_alignment(alignment: Any, student: Tensor, teacher: Tensor) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``alignment`` fits the inputs ``[B, T, ...]``."""
-    tensors = [getattr(alignment, n, None) for n in ("teacher_positions", "student_positions")]
-    tensors.append(getattr(alignment, "mask", None))
-    if not all(isinstance(t, Tensor) for t in tensors):
-        raise TypeError(
-            "`alignment` must have tensors `teacher_positions`, `student_positions` and `mask` "
-            f"(e.g. kdistill.xtoken.TokenAlignment), got {type(alignment).__name__}."
-        )
+    tensors: list[Tensor] = []
+    for name in ("teacher_positions", "student_positions", "mask"):
+        value = getattr(alignment, name, None)
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                "`alignment` must have tensors `teacher_positions`, `student_positions` and "
+                f"`mask` (e.g. kdistill.xtoken.TokenAlignment), got {type(alignment).__name__}."
+            )
+        tensors.append(value)
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1 or tensors[0].ndim != 2:
         raise ValueError(f"`alignment` tensors must share one shape [B, P], got {sorted(shapes)}.")
@@ -135,7 +137,7 @@ class _CrossTokenizerLoss(LogitDivergenceLoss):
     # their chunked form is LMHeadCrossTokenizerLoss, which also pairs positions
     lm_head_divergence = False
 
-    def forward(  # type: ignore[override]  # adds the keyword-only `alignment`
+    def forward(
         self,
         student_logits: Tensor,
         teacher_logits: Any,
@@ -285,6 +287,9 @@ class HybridULDLoss(_CrossTokenizerLoss):
         torch.Size([])
     """
 
+    _teacher_index: Tensor  # [K] buffers (non-persistent), set in __init__
+    _student_index: Tensor
+
     def __init__(
         self,
         teacher_ids: Sequence[int] | Tensor | None = None,
@@ -305,7 +310,11 @@ class HybridULDLoss(_CrossTokenizerLoss):
         self.uld_weight = check_non_negative("uld_weight", uld_weight, max_value=1e6)
         self.teacher_ids = None if teacher_ids is None else _check_ids("teacher_ids", teacher_ids)
         self.student_ids = None if student_ids is None else _check_ids("student_ids", student_ids)
-        if self.teacher_ids is not None and len(self.teacher_ids) != len(self.student_ids):
+        if (
+            self.teacher_ids is not None
+            and self.student_ids is not None
+            and len(self.teacher_ids) != len(self.student_ids)
+        ):
             raise ValueError(
                 f"`teacher_ids` and `student_ids` must pair up one to one, got "
                 f"{len(self.teacher_ids)} and {len(self.student_ids)} ids."

@@ -89,6 +89,14 @@ def loss_recipe(name: str) -> LossRecipe | ContractOptOut:
     return _declared_recipe(LOSSES, name, "register_loss", "MyLoss")
 
 
+def _to_dtype(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    return lambda x: x.to(dtype)
+
+
+def _scaled_by(factor: float) -> Callable[[Tensor], Tensor]:
+    return lambda x: x * factor
+
+
 def _off_meta_tensors(module: nn.Module) -> list[str]:
     """Names of the parameters and buffers of ``module`` that are *not* on the meta device."""
     tensors = [*module.named_parameters(), *module.named_buffers()]
@@ -199,7 +207,7 @@ class LossContract:
         """Finite value for float16 and bfloat16 inputs (and loss parameters in that dtype)."""
         for dtype in (torch.float16, torch.bfloat16):
             loss = self.recipe.make_loss().to(dtype)  # a half-precision model has such losses
-            inputs = self._inputs().map(lambda x, d=dtype: x.to(d))
+            inputs = self._inputs().map(_to_dtype(dtype))
             self._scalar(self._call(loss, inputs), f"finite_low_precision ({dtype})")
 
     def check_zero_when_equal(self) -> None:
@@ -216,7 +224,7 @@ class LossContract:
         loss = self.recipe.make_loss()
         for seed in range(3):
             for scale in (1.0, 30.0):
-                inputs = self._inputs(seed).map(lambda x, s=scale: x * s)
+                inputs = self._inputs(seed).map(_scaled_by(scale))
                 value = self._scalar(self._call(loss, inputs), "non_negative")
                 if value < -ZERO_TOL:
                     raise self._fail("non_negative", f"loss = {value} (seed {seed}, scale {scale})")
