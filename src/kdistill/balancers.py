@@ -228,7 +228,7 @@ class StaticLossBalancer(DistillationLossBalancer):
                 f"{len(kd_losses)} KD loss(es): {list(kd_losses)}."
             )
         weights, student_weight = self._current_weights()
-        total = sum_losses(w * loss for w, loss in zip(weights, kd_losses.values(), strict=True))
+        total = sum_losses([w * loss for w, loss in zip(weights, kd_losses.values(), strict=True)])
         if student_weight > 0:
             if student_loss is None:
                 raise ValueError(
