@@ -14,7 +14,7 @@ criterion key's teacher side is then ``"big"``, ``"big.blocks.11"`` or a tuple o
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, TypeAlias, cast
 
 from torch import nn
 
@@ -532,6 +532,7 @@ class KDLossConfig:
                 if isinstance(built, TeacherDict):
                     _check_built_teachers(student, built, errors)
                 _check_layers(student, built, criterion, errors)
+            # a TeacherDictSpec builds a TeacherDict, a TeacherSpec a module: each gets its own
             teacher = teacher.with_built(built)  # type: ignore[arg-type]
         errors.raise_if_any(f"Invalid config for mode {mode!r}")
         return cls(
@@ -677,7 +678,7 @@ class KDLossRecord:
         """Build the balancer by registered name (``None`` if there is none)."""
         if self.balancer is None:
             return None
-        return build_object(self.balancer, BALANCERS)  # type: ignore[return-value]
+        return cast(DistillationLossBalancer, build_object(self.balancer, BALANCERS))  # a balancer
 
     @property
     def teacher_names(self) -> tuple[str, ...] | None:

@@ -732,6 +732,7 @@ def _namespace(student_cls: type) -> dict[str, Any]:
     def forward(self: DistillationModel, *args: Any, **kwargs: Any) -> Any:
         return DistillationModel.forward(self, *args, **kwargs)
 
+    # functions declare no __signature__ attribute, but inspect.signature reads it
     forward.__signature__ = inspect.signature(student_cls.forward)  # type: ignore[attr-defined]
     forward.__doc__ = DistillationModel.forward.__doc__
     forward.__qualname__ = f"DistillationModel[{student_cls.__qualname__}].forward"
