@@ -623,18 +623,10 @@ class DistillationModel(nn.Module):
             ValueError: ``student_loss`` was given but there is no balancer to combine it.
         """
         kd = self._kd
-        # the hot path of every step: plain loops, no generator or per-capture method call
-        captured: list[tuple[Any, Any]] = []
-        complete = True
-        for s, t in kd.pair_captures:
-            student_out = s.output
-            teacher_out = t.output if type(t) is _Capture else _teacher_output(t)
-            if student_out is None or teacher_out is None:
-                complete = False
-            captured.append((student_out, teacher_out))
+        captured = [(s.output, _teacher_output(t)) for s, t in kd.pair_captures]
         for capture in kd.captures:
-            capture.output = capture.inputs = None  # _Capture.clear, inlined
-        if not complete:
+            capture.clear()
+        if any(s is None or t is None for s, t in captured):
             missing = [
                 f"({p.student_layer!r}, {p.teacher_layer!r}): "
                 + " and ".join(

@@ -178,8 +178,7 @@ class LogitDivergenceLoss(nn.Module, abc.ABC):
         teacher = self.teacher_distribution(teacher_logits, student_logits)
         positions = student_logits.shape[:-1]
         targets = self._targets(labels, positions) if self.requires_labels else None
-        no_mask = mask is None and labels is None  # the common case: skip the call
-        keep = None if no_mask else position_mask(positions, mask, labels, self.ignore_index)
+        keep = position_mask(positions, mask, labels, self.ignore_index)
         return self.reduce_divergence(student_logits, teacher, targets, keep)
 
     def reduce_divergence(
