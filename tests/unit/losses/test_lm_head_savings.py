@@ -3,7 +3,7 @@
 import torch
 
 import kdistill as mtd
-from kdistill.losses import lm_head
+from kdistill.losses import _chunked
 
 
 def test_only_kept_positions_are_projected_and_the_result_is_unchanged(monkeypatch):
@@ -14,13 +14,13 @@ def test_only_kept_positions_are_projected_and_the_result_is_unchanged(monkeypat
     mask = torch.zeros(2, 7, dtype=torch.bool)
     mask[0, 4:6] = mask[1, 1] = True  # 3 of 14 positions
     projected = []
-    original = lm_head._linear
+    original = _chunked._linear
 
     def counting(hidden, weight, bias, vocab):
         projected.append(hidden.shape[0])
         return original(hidden, weight, bias, vocab)
 
-    monkeypatch.setattr(lm_head, "_linear", counting)
+    monkeypatch.setattr(_chunked, "_linear", counting)
     loss_fn = mtd.LMHeadDistillationLoss(head_s, head_t, divergence="reverse_kl", chunk_size=2)
     loss = loss_fn(hidden_s, hidden_t, mask=mask)
     assert sum(projected) == 2 * 3, projected  # student and teacher, kept rows only
