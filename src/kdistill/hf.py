@@ -346,6 +346,21 @@ class KDTrainer(transformers.Trainer):
     ``trainer.chunked``. A model from ``kdistill.llm.convert_causal_lm`` (no teacher or
     criterion) is used as is: its recipe loss gives the KD term and ``ce_loss``.
 
+    Cross-tokenizer distillation: with ``teacher_processing_class`` (the teacher's tokenizer;
+    ``processing_class`` must be the student's), the teacher reads its own tokens of the same
+    text. Each batch's student ``input_ids`` (``attention_mask`` positions) are spelled back into
+    text exactly (``kdistill.xtoken.TokenAligner.align_student_ids``; student special tokens
+    spell nothing), the teacher tokenizer encodes it (with its own special tokens), the teacher
+    (no grad) and the student run on their own inputs with their lm_heads skipped, and the KD
+    term is ``LMHeadCrossTokenizerLoss`` (``xtoken_divergence``: ``"hybrid_uld"`` with the
+    shared vocabulary, or ``"uld"``; temperature 1) at the aligned pairs whose student position
+    has a next-token target. It is summed and divided by the student's target tokens
+    (``num_items_in_batch``, else the micro-batch's count), like the cross-entropy, which is
+    computed from the student's hidden states (a ``[B, T, V_s]`` projection of the student only;
+    without a balancer under no grad). It needs causal LMs with a plain lm_head, one teacher,
+    one text per row, no ``criterion``, ``chunked=True``; without it, vocabularies that differ
+    raise an error.
+
     Logging: ``loss`` (the total), ``kd_loss`` (sum of the KD terms), ``ce_loss`` and each KD term
     are averaged over the steps since the last log and passed to ``Trainer.log`` at
     ``logging_steps``; ``evaluate`` reports ``eval_loss`` and ``eval_<component>``.
@@ -369,12 +384,20 @@ class KDTrainer(transformers.Trainer):
         args: The ``transformers.TrainingArguments``.
         chunked: Use the chunked path where it applies (see "Memory"); False always computes
             full logits.
+        teacher_processing_class: The teacher's tokenizer (a Hugging Face fast tokenizer) for
+            cross-tokenizer distillation (see above); None: the teacher shares the student's
+            tokens.
+        xtoken_divergence: ``"hybrid_uld"`` (default) or ``"uld"``, with
+            ``teacher_processing_class``.
         **trainer_kwargs: Everything else ``transformers.Trainer`` takes (``train_dataset``,
             ``eval_dataset``, ``data_collator``, ``callbacks``, ...).
 
     Raises:
         ValueError: No teacher, a converted model with KD arguments, or ``compute_loss_func`` /
-            label smoothing (which would silently replace the KD loss).
+            label smoothing (which would silently replace the KD loss); with
+            ``teacher_processing_class``: no ``processing_class``, a ``criterion``,
+            ``chunked=False``, a converted model, several teachers, or a model without a plain
+            lm_head.
         TypeError: ``model`` is not an ``nn.Module``.
 
     Example:
