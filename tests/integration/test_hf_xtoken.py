@@ -182,6 +182,10 @@ def test_train_decreases_the_kd_loss_and_hands_back_the_plain_student(tmp_path):
     assert all("ce_loss" in log for log in logs)
     assert type(student) is transformers.LlamaForCausalLM
     assert trainer.model is student
+    metrics = trainer.evaluate(rows_of(make_batch()))
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_kd_loss"])
+    assert metrics["eval_ce_loss"] > 0
+    assert type(student) is transformers.LlamaForCausalLM
     assert student.state_dict().keys() == start.keys()  # no teacher, no loss modules
     assert any(not torch.equal(student.state_dict()[k], v) for k, v in start.items())
     trainer.save_model(str(tmp_path / "saved"))
