@@ -24,14 +24,16 @@ except ModuleNotFoundError as err:  # only a missing transformers, never a bug i
     ) from err
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from ._validation import check_bool, check_int, check_positive, check_unit_interval
+from ._validation import check_bool, check_choice, check_int, check_positive, check_unit_interval
 from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer, sum_losses
 from .conversion import convert, export
 from .llm import compute_causal_lm_loss, is_causal_lm_recipe
 from .losses import EnsembleLogitsDistillationLoss, LMHeadDistillationLoss, LogitsDistillationLoss
+from .losses.lm_head_cross_tokenizer import LMHeadCrossTokenizerLoss
 from .model import LOSS_MODULES_KEY, TEACHER_KEY, DistillationModel
 from .onpolicy import (
     Completions,
@@ -43,6 +45,7 @@ from .onpolicy import (
     gkd_completions,
     skip_lm_head,
 )
+from .xtoken import TokenAligner
 
 __all__ = [
     "IGNORE_INDEX",
@@ -206,6 +209,56 @@ def _check_model(model: Any, teacher_model: Any, criterion: Any, loss_balancer: 
     return model
 
 
+def _xtoken_aligner(
+    model: Any,
+    teacher_tokenizer: Any,
+    trainer_kwargs: Mapping[str, Any],
+    criterion: Any,
+    chunked: Any,
+) -> TokenAligner:
+    """Check the arguments of cross-tokenizer distillation and build its ``TokenAligner``."""
+    if isinstance(model, DistillationModel):
+        raise ValueError(
+            "`teacher_processing_class` needs the plain student as `model`, not a "
+            "DistillationModel: KDTrainer builds the cross-tokenizer criterion itself."
+        )
+    student_tokenizer = trainer_kwargs.get("processing_class")
+    if student_tokenizer is None:
+        raise ValueError(
+            "`teacher_processing_class` needs `processing_class` (the student's tokenizer): the "
+            "student's token ids are spelled back into text with it for the teacher."
+        )
+    if criterion is not None:
+        raise ValueError(
+            "`criterion` cannot be combined with `teacher_processing_class`: the cross-tokenizer "
+            "loss is LMHeadCrossTokenizerLoss, chosen with `xtoken_divergence`."
+        )
+    if chunked is False:
+        raise ValueError(
+            "`teacher_processing_class` always uses the lm_head path (final hidden states, the "
+            "cross-tokenizer loss chunked); chunked=False is not supported with it."
+        )
+    return TokenAligner(teacher_tokenizer, student_tokenizer)
+
+
+def _student_cross_entropy(
+    hidden: Tensor, lm_head: nn.Module, shifted_labels: Tensor, count: Tensor | int
+) -> Tensor:
+    """Hugging Face's causal-LM cross-entropy from final hidden states.
+
+    ``Σ_t CE(lm_head(h_t), shifted_labels_t) / count`` over the targets (labels already shifted,
+    ``-100`` ignored), with the logits in float32 as ``transformers``' ``ForCausalLMLoss``.
+    """
+    logits = lm_head(hidden).float()  # [B, T, V_s]
+    total = F.cross_entropy(
+        logits.flatten(0, -2),
+        shifted_labels.flatten().to(logits.device),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total / count
+
+
 def _inside_forward(wrapper: nn.Module, module: nn.Module, fn: Callable[[], Any]) -> Any:
     """Run ``fn()`` as the forward of ``module`` called through its ``wrapper`` (DDP, FSDP...).
 
@@ -298,6 +351,21 @@ class KDTrainer(transformers.Trainer):
     ``trainer.chunked``. A model from ``kdistill.llm.convert_causal_lm`` (no teacher or
     criterion) is used as is: its recipe loss gives the KD term and ``ce_loss``.
 
+    Cross-tokenizer distillation: with ``teacher_processing_class`` (the teacher's tokenizer;
+    ``processing_class`` must be the student's), the teacher reads its own tokens of the same
+    text. Each batch's student ``input_ids`` (``attention_mask`` positions) are spelled back into
+    text exactly (``kdistill.xtoken.TokenAligner.align_student_ids``; student special tokens
+    spell nothing), the teacher tokenizer encodes it (with its own special tokens), the teacher
+    (no grad) and the student run on their own inputs with their lm_heads skipped, and the KD
+    term is ``LMHeadCrossTokenizerLoss`` (``xtoken_divergence``: ``"hybrid_uld"`` with the
+    shared vocabulary, or ``"uld"``; temperature 1) at the aligned pairs whose student position
+    has a next-token target. It is summed and divided by the student's target tokens
+    (``num_items_in_batch``, else the micro-batch's count), like the cross-entropy, which is
+    computed from the student's hidden states (a ``[B, T, V_s]`` projection of the student only;
+    without a balancer under no grad). It needs causal LMs with a plain lm_head, one teacher,
+    one text per row, no ``criterion``, ``chunked=True``; without it, vocabularies that differ
+    raise an error.
+
     Logging: ``loss`` (the total), ``kd_loss`` (sum of the KD terms), ``ce_loss`` and each KD term
     are averaged over the steps since the last log and passed to ``Trainer.log`` at
     ``logging_steps``; ``evaluate`` reports ``eval_loss`` and ``eval_<component>``.
@@ -321,12 +389,20 @@ class KDTrainer(transformers.Trainer):
         args: The ``transformers.TrainingArguments``.
         chunked: Use the chunked path where it applies (see "Memory"); False always computes
             full logits.
+        teacher_processing_class: The teacher's tokenizer (a Hugging Face fast tokenizer) for
+            cross-tokenizer distillation (see above); None: the teacher shares the student's
+            tokens.
+        xtoken_divergence: ``"hybrid_uld"`` (default) or ``"uld"``, with
+            ``teacher_processing_class``.
         **trainer_kwargs: Everything else ``transformers.Trainer`` takes (``train_dataset``,
             ``eval_dataset``, ``data_collator``, ``callbacks``, ...).
 
     Raises:
         ValueError: No teacher, a converted model with KD arguments, or ``compute_loss_func`` /
-            label smoothing (which would silently replace the KD loss).
+            label smoothing (which would silently replace the KD loss); with
+            ``teacher_processing_class``: no ``processing_class``, a ``criterion``,
+            ``chunked=False``, a converted model, several teachers, or a model without a plain
+            lm_head.
         TypeError: ``model`` is not an ``nn.Module``.
 
     Example:
@@ -358,9 +434,19 @@ class KDTrainer(transformers.Trainer):
         args: transformers.TrainingArguments | None = None,
         *,
         chunked: bool = True,
+        teacher_processing_class: Any = None,
+        xtoken_divergence: str = "hybrid_uld",
         **trainer_kwargs: Any,
     ) -> None:
         check_bool("chunked", chunked)
+        self._aligner: TokenAligner | None = None
+        self._xtoken_divergence = check_choice(
+            "xtoken_divergence", xtoken_divergence, ("uld", "hybrid_uld")
+        )
+        if teacher_processing_class is not None:
+            self._aligner = _xtoken_aligner(
+                model, teacher_processing_class, trainer_kwargs, criterion, chunked
+            )
         if trainer_kwargs.get("compute_loss_func") is not None:
             raise ValueError(
                 "KDTrainer computes its own loss, so `compute_loss_func` would be ignored: put a "
@@ -406,6 +492,9 @@ class KDTrainer(transformers.Trainer):
 
     def _choose_chunked(self, chunked: bool, criterion: Any) -> bool:
         """Pick the chunked or the full-logits path (see the class docstring); log the choice."""
+        if self._aligner is not None and self._kd_config is not None:
+            self._set_xtoken_criterion(self._aligner, self._kd_config)
+            return True
         if self._kd_config is None:
             why = "the model was converted by the caller (its own criterion is used)"
         elif not chunked:
@@ -429,6 +518,40 @@ class KDTrainer(transformers.Trainer):
                 return True
         logger.info("KDTrainer: full-logits path ([B, T, V] logits), because %s.", why)
         return False
+
+    def _set_xtoken_criterion(self, aligner: TokenAligner, config: dict[str, Any]) -> None:
+        """The cross-tokenizer criterion (``LMHeadCrossTokenizerLoss`` bound to both lm_heads)."""
+        if not self._kd_shift_labels:
+            raise ValueError(
+                "`teacher_processing_class` distills causal LMs; "
+                f"{type(self.model).__name__} is not one."
+            )
+        if _teacher_names(config["teacher_model"]) is not None:
+            raise ValueError("`teacher_processing_class` takes one teacher, not several.")
+        student_head, why_student = find_lm_head(self.model)
+        teacher_head, why_teacher = find_lm_head(config["teacher_model"])
+        why = why_student or why_teacher
+        if why or student_head is None or teacher_head is None:
+            raise ValueError(
+                f"`teacher_processing_class` needs a plain lm_head on both models, but {why}."
+            )
+        teacher_ids = student_ids = None
+        if self._xtoken_divergence == "hybrid_uld":
+            shared = aligner.shared_vocabulary
+            teacher_ids, student_ids = shared.teacher_ids, shared.student_ids
+        config["criterion"] = LMHeadCrossTokenizerLoss(
+            student_head,
+            teacher_head,
+            divergence=self._xtoken_divergence,
+            shift_labels=False,
+            teacher_ids=teacher_ids,
+            student_ids=student_ids,
+        )
+        logger.info(
+            "KDTrainer: cross-tokenizer path (%s at aligned positions, chunked through the "
+            "lm_heads).",
+            self._xtoken_divergence,
+        )
 
     def _full_logits_criterion(self, teacher_model: Any) -> Any:
         """The criterion when none is given and the full-logits path is used."""
@@ -540,6 +663,10 @@ class KDTrainer(transformers.Trainer):
         forward_inputs = dict(inputs)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             forward_inputs["num_items_in_batch"] = num_items_in_batch
+        if self._aligner is not None:
+            return self._xtoken_kd_terms(
+                self._aligner, model, inputs, forward_inputs, num_items_in_batch
+            )
         if self._kd_recipe:
             # lm_heads skipped: the outputs' `logits` are hidden states, so the model must not
             # compute its own loss; the recipe's loss gives KD and CE from the same chunks
@@ -605,6 +732,71 @@ class KDTrainer(transformers.Trainer):
             if isinstance(outputs, Mapping):  # its "logits" are hidden states: return none
                 outputs = type(outputs)(**{k: v for k, v in outputs.items() if k != "logits"})
             return _KDTerms(kd_terms, student_loss, outputs, loss_kwargs, hidden_shape)
+
+        return _inside_forward(model, distillation_model, forward_and_loss)
+
+    def _xtoken_kd_terms(
+        self,
+        aligner: TokenAligner,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        forward_inputs: dict[str, Any],
+        num_items_in_batch: Tensor | int | None,
+    ) -> _KDTerms:
+        """The cross-tokenizer path: the teacher on its own tokens of the same text.
+
+        The student's ids (``attention_mask`` positions) are spelled back into text
+        (``TokenAligner.align_student_ids``: exact, no re-tokenization), the teacher encodes that
+        text; each model runs on its own inputs with its lm_head skipped, and the loss is
+        computed at the aligned pairs kept by the student's next-token mask.
+        """
+        if "shift_labels" in inputs or "input_ids" not in inputs:
+            raise ValueError(
+                "`teacher_processing_class` needs batches of `input_ids` with one text per "
+                "row (no packed / padding-free batches with `shift_labels`), got keys "
+                f"{sorted(inputs)}."
+            )
+        distillation_model = self.distillation_model
+        input_ids = inputs["input_ids"]
+        aligned = aligner.align_student_ids(input_ids, inputs.get("attention_mask"))
+        device = input_ids.device
+        teacher_inputs = {k: v.to(device) for k, v in aligned.teacher_inputs.items()}
+        alignment = aligned.alignment.to(device)
+        forward_inputs.pop("labels", None)
+        forward_inputs.pop("num_items_in_batch", None)  # no labels: no loss in the forward
+        student_head = distillation_model.kd_pairs[0].loss.student_lm_head
+        if not isinstance(student_head, nn.Module):
+            raise RuntimeError("The cross-tokenizer criterion lost its student lm_head.")
+
+        def forward_and_loss() -> _KDTerms:
+            teacher = distillation_model.teacher_model
+            with skip_lm_head(teacher), distillation_model.only_teacher_forward():
+                distillation_model(**teacher_inputs)  # no grad; its hidden states are captured
+            with skip_lm_head(distillation_model), distillation_model.only_student_forward():
+                outputs = distillation_model(**forward_inputs)
+            hidden = outputs["logits"]  # [B, T_s, D_s]: the final hidden states
+            loss_kwargs = self._kd_loss_kwargs(inputs, hidden.shape, num_items_in_batch)
+            mask = loss_kwargs.get("mask")
+            # one normalization for KD and CE: the student's target tokens of the step
+            count = num_items_in_batch
+            if count is None:
+                count = hidden.shape[:-1].numel() if mask is None else mask.sum().clamp(min=1)
+            kd_terms = distillation_model.compute_kd_loss(
+                skip_balancer=True,
+                alignment=alignment,
+                **{**loss_kwargs, "num_items_in_batch": count},
+            )
+            student_loss = None
+            if "labels" in loss_kwargs and self._wants_student_loss():
+                # without a balancer the cross-entropy is only logged: no gradient for it
+                with torch.set_grad_enabled(
+                    torch.is_grad_enabled() and distillation_model.loss_balancer is not None
+                ):
+                    student_loss = _student_cross_entropy(
+                        hidden, student_head, loss_kwargs["labels"], count
+                    )
+            outputs = type(outputs)(**{k: v for k, v in outputs.items() if k != "logits"})
+            return _KDTerms(kd_terms, student_loss, outputs, loss_kwargs, hidden.shape)
 
         return _inside_forward(model, distillation_model, forward_and_loss)
 
@@ -875,6 +1067,12 @@ class OnPolicyKDTrainer(KDTrainer):
         num_completions_to_log: int = 4,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("teacher_processing_class") is not None:
+            raise ValueError(
+                "OnPolicyKDTrainer does not support `teacher_processing_class` yet (the teacher "
+                "must share the student's tokenizer); use KDTrainer for cross-tokenizer "
+                "distillation (off-policy)."
+            )
         if processing_class is None:
             raise ValueError(
                 "OnPolicyKDTrainer needs `processing_class` (the tokenizer): it tokenizes the "
