@@ -9,7 +9,7 @@ tried. Every demo report copies its preset's entry into ``report["selection"]``;
 
 from typing import Any
 
-__all__ = ["SELECTED"]
+__all__ = ["SELECTED", "XTOKEN_SELECTED"]
 
 SELECTED: dict[str, dict[str, Any]] = {
     "quick": {
@@ -64,3 +64,7 @@ SELECTED: dict[str, dict[str, Any]] = {
         "test_evaluations": 0,
     }
 }
+
+# The validation sweep of `kdistill demo xtoken --tune` (kdistill.demo.xtoken.run_xtoken_tuning):
+# the KD weights of XTokenDemoConfig's defaults and the validation bits/char behind them.
+XTOKEN_SELECTED: dict[str, Any] = {}
