@@ -7,6 +7,7 @@ their shard of each global batch; the reference trains in one process on the glo
 import importlib.util
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,18 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach().clone()
 
 
+def _exit_without_finalization() -> None:
+    """End a worker that succeeded without interpreter finalization.
+
+    gloo's C++ threads can abort a process during finalization (SIGABRT, "terminate called
+    without an active exception"; pytorch/pytorch#179291) after its results are written, which
+    would fail the test for a teardown that is not kdistill's.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank: int, port: int, out_dir: Path) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -104,8 +117,10 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
                 "probe": probe,
             }
         torch.save(results, out_dir / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears down while the other still communicates
     finally:
         dist.destroy_process_group()
+    _exit_without_finalization()
 
 
 def _free_port() -> int:

@@ -24,6 +24,7 @@ the replayed batches against them); ``_Build`` here runs the loop.
 import contextlib
 import importlib.util
 import logging
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -177,13 +178,24 @@ def _check_settings(path: Path, manifest: dict[str, Any], settings: dict[str, An
 
 
 def _progress(dataloader: Any, enable: bool) -> Any:
-    """A tqdm progress bar when tqdm is installed and ``enable``; otherwise ``None``."""
+    """A tqdm progress bar when tqdm is installed and ``enable``; otherwise ``None``.
+
+    On a terminal the bar redraws as usual; redirected to a file or a CI log it writes at most one
+    update every 30 s (plus the final line), so a long build does not flood the log.
+    """
     if not enable or importlib.util.find_spec("tqdm") is None:
         return None
     from tqdm.auto import tqdm  # optional: never a dependency of kdistill
 
     total = len(dataloader) if hasattr(dataloader, "__len__") else None
-    return tqdm(total=total, desc="caching teacher outputs", unit="batch")
+    interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        desc="caching teacher outputs",
+        unit="batch",
+        file=sys.stderr,
+        mininterval=0.1 if interactive else 30.0,
+    )
 
 
 def _new_manifest(settings: dict[str, Any]) -> dict[str, Any]:

@@ -336,6 +336,17 @@ def test_progress_bar_uses_tqdm(tmp_path, teacher, loader, capsys) -> None:
     assert "caching teacher outputs" in capsys.readouterr().err
 
 
+def test_progress_bar_in_a_log_writes_few_updates(tmp_path, teacher, capsys) -> None:
+    """Redirected output (not a TTY) gets the final line, not one redraw per batch (issue 17)."""
+    pytest.importorskip("tqdm")
+    ids, x = torch.arange(400), torch.randn(400, 16)
+    many_batches = DataLoader(TensorDataset(ids, x), batch_size=2)  # 200 batches
+    _build(teacher, many_batches, tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "200/200" in err
+    assert err.count("\r") <= 4, err.count("\r")
+
+
 def _failing_teacher(teacher, fail_at=1):
     counter = _CallCounter()
 
