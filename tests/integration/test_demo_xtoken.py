@@ -387,6 +387,18 @@ def test_zero_kd_weight_students_equal_the_ce_only_student() -> None:
     assert report["uld"]["val_curves"] == report["ce_only"]["val_curves"]
 
 
+def test_default_kd_settings_are_the_checked_in_validation_choice() -> None:
+    from kdistill.demo.selected import XTOKEN_SELECTED
+
+    defaults, sweep = XTokenDemoConfig(), XTOKEN_SELECTED
+    assert sweep["split"] == "validation" and sweep["test_evaluations"] == 0
+    assert {k: getattr(defaults, k) for k in sweep["chosen"]} == sweep["chosen"]
+    for key in ("uld", "hybrid"):  # the chosen point is the sweep's best at the chosen T
+        rows = [r for r in sweep["stages"][key] if r["temperature"] == defaults.temperature]
+        best = min(rows, key=lambda r: r["val_bpc"])
+        assert best["kd_loss_weight"] == sweep["chosen"][f"{key}_kd_weight"]
+
+
 def test_xtoken_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="uld_kd_weight"):
         XTokenDemoConfig(uld_kd_weight=1.5)

@@ -137,8 +137,8 @@ class XTokenDemoConfig:
     lr: float = 2e-3
     top_k: int = 64
     temperature: float = 1.0
-    uld_kd_weight: float = 0.5
-    hybrid_kd_weight: float = 0.9
+    uld_kd_weight: float = 0.1
+    hybrid_kd_weight: float = 0.5
     seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
