@@ -312,23 +312,11 @@ def _add_llm_parser(tasks: Any) -> None:
     )
     llm.set_defaults(handler=run_llm)
     add_common_arguments(llm, DEFAULT_OUTPUT_DIR / "llm")
-    llm.add_argument(
-        "--quiet", action="store_true", help="print only the results table (no progress)"
-    )
+    _add_cache_arguments(llm)
     llm.add_argument(
         "--live-teacher",
         action="store_true",
         help="run the teacher at every distillation step instead of reading the cache",
-    )
-    cache = llm.add_mutually_exclusive_group()
-    cache.add_argument(
-        "--cache-dir",
-        type=Path,
-        help="where the teacher's top-k cache lives (default: $KDISTILL_CACHE_DIR or "
-        "~/.cache/kdistill)",
-    )
-    cache.add_argument(
-        "--no-cache", action="store_true", help="cache the teacher in a temporary directory"
     )
     llm_tuning = llm.add_argument_group("overrides (for experiments and tests)")
     llm_tuning.add_argument(
