@@ -4,7 +4,11 @@
 extra resident memory, allocator caches and temporaries included.
 """
 
-__all__ = ["proc_status_kb", "reset_peak_rss"]
+import ctypes
+import ctypes.util
+import gc
+
+__all__ = ["proc_status_kb", "reset_peak_rss", "trim_heap"]
 
 
 def proc_status_kb(field: str) -> int | None:
@@ -27,3 +31,19 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def trim_heap() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc ``malloc_trim``).
+
+    Without it, memory a previous step freed stays in the process (and in its RSS), so a later
+    step reusing it shows no extra peak. A no-op where glibc is not available.
+    """
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        return

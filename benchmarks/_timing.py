@@ -24,6 +24,7 @@ __all__ = [
     "environment",
     "format_table",
     "git_commit",
+    "interleaved_rounds",
     "interleaved_times",
     "median",
     "paired_ratio",
@@ -77,6 +78,31 @@ def _time_block(
         fn()
     synchronize(device)
     return (now() - start) / number
+
+
+def interleaved_rounds(
+    variants: Sequence[str], rounds: int, run: Callable[[str], Mapping[str, Any] | None]
+) -> dict[str, list[Mapping[str, Any]]]:
+    """Run every variant ``rounds`` times, the starting variant rotating (A B C, B C A, ...).
+
+    For benchmarks whose variants each run in a fresh process (``run(variant)`` returns its
+    result row, or None when the variant is unavailable): a burst of load from other processes
+    then lands on every variant alike.
+
+    Returns:
+        Variant to its rows, in round order (variants that returned None are left out).
+    """
+    if rounds < 1:
+        raise ValueError(f"`rounds` must be at least 1, got {rounds}.")
+    results: dict[str, list[Mapping[str, Any]]] = {}
+    order = list(variants)
+    for index in range(rounds):
+        shift = index % len(order)
+        for variant in order[shift:] + order[:shift]:
+            row = run(variant)
+            if row is not None:
+                results.setdefault(variant, []).append(row)
+    return {v: results[v] for v in order if v in results}
 
 
 def interleaved_times(

@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers.Trainer`` integration: ``KDTrainer``.
+"""Hugging Face ``transformers.Trainer`` integration: ``KDTrainer`` and ``OnPolicyKDTrainer``.
 
 ``KDTrainer`` is a ``Trainer`` whose model is the student converted with ``kdistill.convert``: each
 step runs the frozen teacher and the student on the same batch and optimizes the KD loss (alone, the
@@ -9,7 +9,8 @@ Install the extra: ``pip install "kdistill[hf]"``. This module is never imported
 """
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,19 +27,34 @@ import torch
 from torch import Tensor, nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ._validation import check_bool, check_int, check_positive, check_unit_interval
 from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer
 from .conversion import convert, export
 from .llm import compute_causal_lm_loss, is_causal_lm_recipe
-from .losses import EnsembleLogitsDistillationLoss, LogitsDistillationLoss
+from .losses import EnsembleLogitsDistillationLoss, LMHeadDistillationLoss, LogitsDistillationLoss
 from .model import LOSS_MODULES_KEY, TEACHER_KEY, DistillationModel
+from .onpolicy import (
+    Completions,
+    CompletionSource,
+    PromptCollator,
+    SamplingConfig,
+    choose_source,
+    find_lm_head,
+    gkd_completions,
+    skip_lm_head,
+)
 
 __all__ = [
     "IGNORE_INDEX",
     "KDTrainer",
+    "OnPolicyKDTrainer",
+    "chunked_criterion",
     "default_criterion",
     "default_multi_teacher_criterion",
     "next_token_mask",
 ]
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 """Label value Hugging Face models ignore in their loss (and ``KDTrainer`` in the KD loss)."""
@@ -52,6 +68,20 @@ def default_criterion() -> nn.Module:
     per target token, correct under gradient accumulation and data parallelism.
     """
     return LogitsDistillationLoss(temperature=1.0, reduction="sum")
+
+
+def chunked_criterion(student_lm_head: nn.Module, teacher_lm_head: nn.Module) -> nn.Module:
+    """The default ``KDTrainer`` criterion for causal LMs with an lm_head: the same loss, chunked.
+
+    ``LMHeadDistillationLoss`` (token-level forward KL at temperature 1) bound to the two
+    lm_heads, taking the labels already shifted, and giving the student's cross-entropy from
+    the same chunks. ``KDTrainer`` runs both models with their lm_heads skipped, so the loss gets
+    final hidden states and no ``[B, T, V]`` logits exist; its value and gradients are those of
+    ``default_criterion()`` on full logits (and Hugging Face's cross-entropy).
+    """
+    return LMHeadDistillationLoss(
+        student_lm_head, teacher_lm_head, shift_labels=False, compute_student_loss=True
+    )
 
 
 def default_multi_teacher_criterion(
@@ -71,13 +101,19 @@ def default_multi_teacher_criterion(
     return {("", names): loss}
 
 
+def _teacher_names(teacher_model: Any) -> tuple[str, ...] | None:
+    """The names of several teachers (a dict, a ``TeacherDict``), or None for one teacher."""
+    if isinstance(teacher_model, Mapping):
+        return tuple(teacher_model)
+    if isinstance(teacher_model, nn.Module):  # a TeacherDict, a CachedTeacher of several
+        names = getattr(teacher_model, "kd_teacher_names", None)
+        return None if names is None else tuple(names)
+    return None
+
+
 def _default_criterion_for(teacher_model: Any) -> Any:
     """``default_criterion()``, or the multi-teacher one for a dict (or ``TeacherDict``)."""
-    names = None
-    if isinstance(teacher_model, Mapping):
-        names = tuple(teacher_model)
-    elif isinstance(teacher_model, nn.Module):  # a TeacherDict, a CachedTeacher of several
-        names = getattr(teacher_model, "kd_teacher_names", None)
+    names = _teacher_names(teacher_model)
     return default_criterion() if names is None else default_multi_teacher_criterion(names)
 
 
@@ -165,6 +201,38 @@ def _check_model(model: Any, teacher_model: Any, criterion: Any, loss_balancer: 
         )
 
 
+def _inside_forward(wrapper: nn.Module, module: nn.Module, fn: Callable[[], Any]) -> Any:
+    """Run ``fn()`` as the forward of ``module`` called through its ``wrapper`` (DDP, FSDP...).
+
+    The chunked loss uses the student's lm_head weight after the forward. DDP (with
+    ``find_unused_parameters``, Trainer's default for Hugging Face models) would mark that
+    weight unused in the forward and then see its gradient arrive: "marked ready twice". Run
+    inside the wrapper's forward, the loss is part of the forward's output, so the wrapper sees
+    every parameter it uses (and sharded wrappers gather them). TRL's ``_ForwardRedirection``
+    does the same.
+    """
+    if wrapper is module:
+        return fn()
+    had_own = "forward" in module.__dict__
+    original = module.__dict__.get("forward")
+
+    def redirected(*args: Any, **kwargs: Any) -> Any:
+        restore()
+        return fn()
+
+    def restore() -> None:
+        if had_own:
+            module.__dict__["forward"] = original
+        else:
+            module.__dict__.pop("forward", None)
+
+    module.__dict__["forward"] = redirected
+    try:
+        return wrapper()
+    finally:
+        restore()
+
+
 @dataclass
 class _KDTerms:
     """One micro-batch's loss terms, before Trainer's scaling."""
@@ -211,12 +279,19 @@ class KDTrainer(transformers.Trainer):
     mean and Trainer divides by the accumulation steps. Losses that shift labels themselves must
     be built with ``shift_labels=False``: the labels they receive are aligned with the logits.
 
-    ``LMHeadDistillationLoss`` on the final hidden states (e.g.
-    ``{("model.norm", "model.norm"): LMHeadDistillationLoss(student.lm_head, teacher.lm_head,
-    shift_labels=False)}`` for Llama) gives the default criterion's loss and gradients, chunked.
-    To never build ``[B, T, V]`` logits at all, pass a model from
-    ``kdistill.llm.convert_causal_lm`` as ``model`` (no teacher or criterion): the forward then
-    runs without ``labels`` and the recipe's loss gives both the KD term and ``ce_loss``.
+    Memory: for causal LMs with an ``lm_head`` (every Hugging Face ``*ForCausalLM``, tied
+    embeddings included) and no ``criterion`` of yours, the default is the **chunked path**: the
+    criterion is ``chunked_criterion`` (the default forward KL as an ``LMHeadDistillationLoss``
+    bound to the two lm_heads), both models run with their lm_heads skipped (``skip_lm_head``,
+    only during that forward) and without ``labels``, and the loss projects the final hidden
+    states chunk by chunk, giving the KD term and ``ce_loss`` from the same chunks: no
+    ``[B, T, V]`` logits are ever built, for the same loss and gradients. Its outputs therefore
+    hold no ``logits`` (``predict`` returns none). The full-logits path (``default_criterion``
+    on the model outputs) is used for a criterion of yours, models without a usable lm_head
+    (none, or a logit transform after it such as Gemma-2's softcapping), non-causal models, and
+    ``chunked=False``; the choice is logged once (``logging.INFO``) and readable as
+    ``trainer.chunked``. A model from ``kdistill.llm.convert_causal_lm`` (no teacher or
+    criterion) is used as is: its recipe loss gives the KD term and ``ce_loss``.
 
     Logging: ``loss`` (the total), ``kd_loss`` (sum of the KD terms), ``ce_loss`` and each KD term
     are averaged over the steps since the last log and passed to ``Trainer.log`` at
@@ -239,6 +314,8 @@ class KDTrainer(transformers.Trainer):
             KLs).
         loss_balancer: Combines the student's loss and the KD losses; ``None`` trains on KD alone.
         args: The ``transformers.TrainingArguments``.
+        chunked: Use the chunked path where it applies (see "Memory"); False always computes
+            full logits.
         **trainer_kwargs: Everything else ``transformers.Trainer`` takes (``train_dataset``,
             ``eval_dataset``, ``data_collator``, ``callbacks``, ...).
 
@@ -272,8 +349,11 @@ class KDTrainer(transformers.Trainer):
         criterion: Any = None,
         loss_balancer: DistillationLossBalancer | None = None,
         args: transformers.TrainingArguments | None = None,
+        *,
+        chunked: bool = True,
         **trainer_kwargs: Any,
     ) -> None:
+        check_bool("chunked", chunked)
         if trainer_kwargs.get("compute_loss_func") is not None:
             raise ValueError(
                 "KDTrainer computes its own loss, so `compute_loss_func` would be ignored: put a "
@@ -291,7 +371,7 @@ class KDTrainer(transformers.Trainer):
         if not isinstance(model, DistillationModel):
             config = {
                 "teacher_model": teacher_model,
-                "criterion": _default_criterion_for(teacher_model)
+                "criterion": self._full_logits_criterion(teacher_model)
                 if criterion is None
                 else criterion,
                 "loss_balancer": loss_balancer,
@@ -311,10 +391,54 @@ class KDTrainer(transformers.Trainer):
         )
         self._loss_shifts_labels = self._kd_shift_labels  # so Trainer counts tokens the same way
         self._kd_recipe = is_causal_lm_recipe(model)
+        self._kd_chunked = self._choose_chunked(chunked, criterion)
         self._kd_train_sums: dict[str, Tensor] = {}
         self._kd_eval_sums: dict[str, Tensor] = {}
         self._kd_eval_count = 0
         self._kd_last_logged_step = 0
+
+    def _choose_chunked(self, chunked: bool, criterion: Any) -> bool:
+        """Pick the chunked or the full-logits path (see the class docstring); log the choice."""
+        if self._kd_config is None:
+            why = "the model was converted by the caller (its own criterion is used)"
+        elif not chunked:
+            why = "chunked=False"
+        elif criterion is not None:
+            why = "a criterion was given"
+        elif not self._kd_shift_labels:
+            why = f"{type(self.model).__name__} is not a causal LM"
+        elif _teacher_names(self._kd_config["teacher_model"]) is not None:
+            why = "there are several teachers (the chunked path takes one)"
+        else:
+            student_head, why_student = find_lm_head(self.model)
+            teacher_head, why_teacher = find_lm_head(self._kd_config["teacher_model"])
+            why = why_student or why_teacher
+            if not why:
+                self._kd_config["criterion"] = self._chunked_criterion(student_head, teacher_head)
+                logger.info(
+                    "KDTrainer: chunked lm_head path (KD and cross-entropy from lm_head chunks, "
+                    "no [B, T, V] logits)."
+                )
+                return True
+        logger.info("KDTrainer: full-logits path ([B, T, V] logits), because %s.", why)
+        return False
+
+    def _full_logits_criterion(self, teacher_model: Any) -> Any:
+        """The criterion when none is given and the full-logits path is used."""
+        return _default_criterion_for(teacher_model)
+
+    def _chunked_criterion(self, student_head: nn.Module, teacher_head: nn.Module) -> nn.Module:
+        """The criterion when none is given and the chunked path is used."""
+        return chunked_criterion(student_head, teacher_head)
+
+    def _wants_student_loss(self) -> bool:
+        """Whether each step also computes the student's cross-entropy (trained or logged)."""
+        return True
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the loss goes through the lm_heads in chunks (no ``[B, T, V]`` logits)."""
+        return self._kd_chunked
 
     # ------------------------------------------------------------------ converting around calls
     @contextlib.contextmanager
@@ -427,14 +551,55 @@ class KDTrainer(transformers.Trainer):
             )
             student_loss = kd_terms.pop(STUDENT_LOSS_KEY, None)
             return _KDTerms(kd_terms, student_loss, outputs, loss_kwargs, torch.Size())
+        if self._kd_chunked:
+            return self._chunked_kd_terms(model, inputs, forward_inputs, num_items_in_batch)
+        if not self._wants_student_loss():
+            forward_inputs.pop("labels", None)
         outputs = model(**forward_inputs)
-        has_labels = inputs.get("labels") is not None
+        has_labels = forward_inputs.get("labels") is not None
         student_loss = outputs.get("loss") if has_labels and isinstance(outputs, dict) else None
         logits = outputs.get("logits") if isinstance(outputs, dict) else None
         logits_shape = logits.shape if isinstance(logits, Tensor) else torch.Size()
         loss_kwargs = self._kd_loss_kwargs(inputs, logits_shape, num_items_in_batch)
         kd_terms = self.distillation_model.compute_kd_loss(skip_balancer=True, **loss_kwargs)
         return _KDTerms(kd_terms, student_loss, outputs, loss_kwargs, logits_shape)
+
+    def _chunked_kd_terms(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        forward_inputs: dict[str, Any],
+        num_items_in_batch: Tensor | int | None,
+    ) -> _KDTerms:
+        """The chunked path: both lm_heads skipped for the forward, KD and CE from the chunks."""
+        distillation_model = self.distillation_model
+        # without labels: the model must not compute its cross-entropy on hidden states
+        forward_inputs.pop("labels", None)
+        forward_inputs.pop("shift_labels", None)
+
+        def forward_and_loss() -> _KDTerms:
+            with skip_lm_head(distillation_model), skip_lm_head(distillation_model.teacher_model):
+                outputs = distillation_model(**forward_inputs)
+            hidden = outputs.get("logits") if isinstance(outputs, Mapping) else None
+            hidden_shape = hidden.shape if isinstance(hidden, Tensor) else torch.Size()
+            loss_kwargs = self._kd_loss_kwargs(inputs, hidden_shape, num_items_in_batch)
+            with_ce = "labels" in loss_kwargs and self._wants_student_loss()
+            # without a balancer the cross-entropy is only logged: no gradient for it
+            kd_terms = distillation_model.compute_kd_loss(
+                skip_balancer=True,
+                return_student_loss=with_ce,
+                student_loss_grad=distillation_model.loss_balancer is not None,
+                **loss_kwargs,
+            )
+            student_loss = None
+            if with_ce:
+                ((key, (kd, student_loss)),) = kd_terms.items()
+                kd_terms = {key: kd}
+            if isinstance(outputs, Mapping):  # its "logits" are hidden states: return none
+                outputs = type(outputs)(**{k: v for k, v in outputs.items() if k != "logits"})
+            return _KDTerms(kd_terms, student_loss, outputs, loss_kwargs, hidden_shape)
+
+        return _inside_forward(model, distillation_model, forward_and_loss)
 
     def _scale_for_trainer(
         self, terms: _KDTerms, training: bool, num_items_in_batch: Tensor | int | None
@@ -585,3 +750,348 @@ class KDTrainer(transformers.Trainer):
             return
         with model.as_student():
             super()._save(output_dir, state_dict=_student_only(state_dict))
+
+
+class OnPolicyKDTrainer(KDTrainer):
+    """On-policy distillation (GKD): the student samples, the teacher grades every completion token.
+
+    Before each optimizer step, the prompts of every gradient-accumulation micro-batch get their
+    completions (``kdistill.onpolicy.gkd_completions``): with probability ``lmbda`` the student
+    samples them (on-policy), otherwise the dataset's own completions are used, or, with
+    ``seq_kd=True``, the teacher samples them. The batch prompt + completion then goes through
+    ``KDTrainer``'s step with the completion tokens as the only targets: the teacher runs once
+    on it under ``no_grad``, and the loss is the divergence over the completion tokens only,
+    chunked through the lm_heads by default (no ``[B, T, V]`` logits; see ``KDTrainer``). The
+    divergence is TRL's generalized JSD with ``beta`` (0: forward KL, 1: reverse KL, the
+    default; ``divergence=`` picks any other divergence of ``LMHeadDistillationLoss``), at
+    ``temperature``, which also is the sampling temperature (TRL's convention). Unlike TRL, the
+    loss is multiplied by T² (as every kdistill logit loss), so at T ≠ 1 it is T² times TRL's.
+
+    Everything else is ``KDTrainer``'s: teacher instance or factory, optional ``criterion``
+    (on full logits) and ``loss_balancer`` (then the student's cross-entropy on the completion
+    tokens is trained too; without one it is not computed), student-only saves, the student you
+    pass handed back plain after ``train``, components logged. With ``lmbda=0`` (and no
+    ``seq_kd``) the trainer is ``KDTrainer`` on the dataset's prompt + completion with the
+    prompt masked.
+
+    Data (TRL's conventions): rows with ``"prompt"`` (text, or chat messages rendered with the
+    tokenizer's chat template) and, for the off-policy share, ``"completion"``; the default
+    ``data_collator`` is ``kdistill.onpolicy.PromptCollator``. A collator of your own must
+    return ``prompt_input_ids`` / ``prompt_attention_mask`` (and optionally
+    ``completion_input_ids`` / ``completion_attention_mask``).
+
+    Normalization: the completions of all micro-batches of an optimizer step exist before its
+    first backward, so ``num_items_in_batch`` is the number of completion tokens of the whole
+    step (all ranks, with ``average_tokens_across_devices``) and gradient accumulation and data
+    parallelism give the loss of the full batch.
+
+    Logs (averaged since the last log, every ``logging_steps``): ``kd_loss`` and the
+    ``KDTrainer`` components, ``completion_length`` (mean tokens per completion),
+    ``eos_share`` (completions that ended with EOS rather than at ``max_new_tokens``) and
+    ``on_policy_share`` (micro-batches sampled from the student); with ``log_completions=True``
+    a few decoded (prompt, completion) pairs are logged (``logging.INFO``) and kept in
+    ``completion_samples``. Evaluation samples completions from the student with a generator
+    seeded by ``args.seed`` at every ``evaluate`` (the same weights give the same samples).
+
+    Randomness: the λ draws use a generator seeded with ``args.seed`` (the same on every rank,
+    so ranks stay in step), the sampling one seeded with ``args.seed`` + the process index.
+    Their states are not checkpointed: a resumed run samples differently.
+
+    Args:
+        model: The student causal LM (a Hugging Face ``*ForCausalLM``).
+        teacher_model: The teacher (instance or factory, as for ``KDTrainer``), same tokenizer.
+        args: The ``transformers.TrainingArguments``.
+        train_dataset: Rows ``{"prompt": ..., "completion"?: ...}``.
+        processing_class: The tokenizer (prompts, chat template, EOS and pad ids).
+        lmbda: Probability that a micro-batch is on-policy, in [0, 1].
+        beta: β of the generalized JSD, in [0, 1] (TRL's ``beta``).
+        temperature: Sampling and loss temperature (> 0).
+        max_new_tokens: Most tokens sampled per completion (also the cut of dataset ones).
+        top_k: Sampling top-k (0: off).
+        top_p: Sampling nucleus top-p (1: off).
+        seq_kd: Off-policy micro-batches use teacher samples instead of the dataset's.
+        max_prompt_length: Keep at most this many (last) prompt tokens (None: all).
+        divergence: A divergence of ``LMHeadDistillationLoss`` instead of JSD(β) (e.g.
+            ``"topk_kl"``); ``divergence_kwargs`` are its arguments (e.g. ``{"k": 64}``).
+        divergence_kwargs: See ``divergence``.
+        log_completions: Log decoded samples every ``logging_steps``.
+        num_completions_to_log: How many.
+        **kwargs: ``criterion``, ``loss_balancer``, ``chunked`` (see ``KDTrainer``) and
+            everything ``transformers.Trainer`` takes.
+
+    Raises:
+        ValueError: No tokenizer, a non-causal student, bad sampling or mixing values.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+        >>> from kdistill.xtoken import byte_tokenizer
+        >>> tokenizer = byte_tokenizer()
+        >>> config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16,
+        ...                      intermediate_size=32, num_hidden_layers=1,
+        ...                      num_attention_heads=2)
+        >>> student, teacher = LlamaForCausalLM(config), LlamaForCausalLM(config)
+        >>> args = TrainingArguments(tempfile.mkdtemp(), max_steps=1, report_to=[],
+        ...                          use_cpu=True, per_device_train_batch_size=2,
+        ...                          save_strategy="no", disable_tqdm=True)
+        >>> trainer = OnPolicyKDTrainer(
+        ...     model=student, teacher_model=teacher, args=args,
+        ...     train_dataset=[{"prompt": "Hello"}, {"prompt": "Bye"}],
+        ...     processing_class=tokenizer, max_new_tokens=4)
+        >>> output = trainer.train()  # prints the final log line
+        {'train_runtime': ...}
+        >>> output.training_loss >= 0
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        teacher_model: Any = None,
+        args: transformers.TrainingArguments | None = None,
+        train_dataset: Any = None,
+        processing_class: Any = None,
+        *,
+        lmbda: float = 1.0,
+        beta: float = 1.0,
+        temperature: float = 1.0,
+        max_new_tokens: int = 128,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seq_kd: bool = False,
+        max_prompt_length: int | None = None,
+        divergence: str | None = None,
+        divergence_kwargs: Mapping[str, Any] | None = None,
+        log_completions: bool = False,
+        num_completions_to_log: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        if processing_class is None:
+            raise ValueError(
+                "OnPolicyKDTrainer needs `processing_class` (the tokenizer): it tokenizes the "
+                "prompts, renders chat templates and gives the EOS and pad ids."
+            )
+        self.lmbda = check_unit_interval("lmbda", lmbda)
+        self.beta = check_unit_interval("beta", beta)
+        self.seq_kd = check_bool("seq_kd", seq_kd)
+        self.log_completions = check_bool("log_completions", log_completions)
+        self.num_completions_to_log = check_int(
+            "num_completions_to_log", num_completions_to_log, min_value=0
+        )
+        if divergence is None and divergence_kwargs:
+            raise ValueError(
+                "`divergence_kwargs` needs `divergence` (JSD's only argument is beta)."
+            )
+        self._divergence: dict[str, Any] = {"divergence": "jsd", "beta": self.beta}
+        if divergence is not None:
+            self._divergence = {"divergence": divergence, **dict(divergence_kwargs or {})}
+        self._temperature = check_positive("temperature", temperature)
+        LMHeadDistillationLoss(temperature=self._temperature, **self._divergence)  # check now
+        eos_ids = _eos_ids(processing_class, model)
+        collator = PromptCollator(processing_class, max_prompt_length, max_new_tokens)
+        self.sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=self._temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_ids or None,
+            pad_token_id=collator.pad_token_id,
+        )
+        kwargs.setdefault("data_collator", collator)
+        super().__init__(
+            model=model,
+            teacher_model=teacher_model,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if not self._kd_shift_labels:
+            raise ValueError(
+                f"OnPolicyKDTrainer distills causal LMs; {type(self.model).__name__} is not one."
+            )
+        if self._kd_config is not None and _teacher_names(self._kd_config["teacher_model"]):
+            raise ValueError(
+                "OnPolicyKDTrainer takes one teacher; for several, use KDTrainer (off-policy)."
+            )
+        self._mix_generator = torch.Generator().manual_seed(self.args.seed)
+        self._sample_generator = self._new_sample_generator(self.args.process_index)
+        self._sample_sums: dict[str, Tensor] = {}
+        self.completion_samples: list[dict[str, str]] = []
+        self._tokenizer: Any = processing_class
+
+    # ------------------------------------------------------------------ configuration hooks
+    def _full_logits_criterion(self, teacher_model: Any) -> nn.Module:
+        """The divergence on full logits: the same loss, unbound (no lm_heads)."""
+        return LMHeadDistillationLoss(
+            temperature=self._temperature, shift_labels=False, **self._divergence
+        )
+
+    def _chunked_criterion(self, student_head: nn.Module, teacher_head: nn.Module) -> nn.Module:
+        """The divergence through the two lm_heads, chunked."""
+        return LMHeadDistillationLoss(
+            student_head,
+            teacher_head,
+            temperature=self._temperature,
+            shift_labels=False,
+            compute_student_loss=True,
+            **self._divergence,
+        )
+
+    def _wants_student_loss(self) -> bool:
+        """The cross-entropy is computed only when a balancer trains on it."""
+        model = self.model
+        return isinstance(model, DistillationModel) and model.loss_balancer is not None
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # the collator reads the raw columns: keep them when Trainer removes unused ones
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt", "completion"]  # type: ignore[assignment]
+
+    def _new_sample_generator(self, offset: int) -> torch.Generator:
+        device = self.args.device
+        generator = torch.Generator(device=device) if device.type == "cuda" else torch.Generator()
+        return generator.manual_seed(self.args.seed + offset)
+
+    # ------------------------------------------------------------------ completions
+    @contextlib.contextmanager
+    def _sampling_student(self) -> Iterator[nn.Module]:
+        """The converted student, running only the student and capturing nothing that lingers.
+
+        ``eval()`` (dropout off; no "overwritten output" warnings) inside
+        ``only_student_forward()``; its train mode is restored after, which also drops what
+        the sampling forwards captured.
+        """
+        model = self.distillation_model
+        was_training = model.training
+        model.eval()
+        try:
+            with model.only_student_forward():
+                yield model
+        finally:
+            model.train(was_training)
+
+    def _complete(
+        self, batch: dict[str, Any], source: CompletionSource | None = None
+    ) -> dict[str, Any]:
+        """Replace a prompt batch by prompt + completion (``input_ids``, ``labels``, ...)."""
+        if "prompt_input_ids" not in batch:
+            raise ValueError(
+                "OnPolicyKDTrainer batches hold `prompt_input_ids` (and optionally "
+                f"`completion_input_ids`), got keys {sorted(batch)}. Use rows with a 'prompt' "
+                "and the default data_collator (kdistill.onpolicy.PromptCollator)."
+            )
+        training = source is None
+        if source is None:
+            source = choose_source(self.lmbda, self.seq_kd, self._mix_generator)
+        generator = self._sample_generator if training else self._eval_generator
+        with self._sampling_student() as student:
+            completions = gkd_completions(
+                source,
+                student,
+                self.distillation_model.teacher_model,
+                batch["prompt_input_ids"],
+                batch["prompt_attention_mask"],
+                batch.get("completion_input_ids"),
+                batch.get("completion_attention_mask"),
+                sampling=self.sampling,
+                generator=generator,
+            )
+        if training:
+            self._record_completions(completions, source)
+        return {
+            "input_ids": completions.input_ids,
+            "attention_mask": completions.attention_mask,
+            "position_ids": completions.position_ids,
+            "labels": completions.labels(IGNORE_INDEX),
+        }
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, Tensor | int | None]:
+        """Fetch the step's micro-batches, complete them all, count their completion tokens."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = [self._complete(batch) for batch in batches]
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> Any:
+        """Evaluate on completions the student samples for the prompts (see the class doc)."""
+        if "prompt_input_ids" in inputs:
+            inputs = self._complete(inputs, source="student")
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """Run Trainer's evaluation loop with the evaluation sampling generator reseeded."""
+        self._eval_generator = self._new_sample_generator(self.args.process_index)
+        return super().evaluation_loop(*args, **kwargs)
+
+    # ------------------------------------------------------------------ logging
+    def _record_completions(self, completions: Completions, source: CompletionSource) -> None:
+        """Accumulate the completion statistics on device (no host sync per micro-batch)."""
+        stats = {
+            "rows": float(completions.input_ids.shape[0]),
+            "tokens": completions.lengths.sum().float(),
+            "ended": completions.ended.sum().float(),
+            "batches": 1.0,
+            "on_policy": float(source == "student"),
+        }
+        for name, value in stats.items():
+            value = torch.as_tensor(value, device=completions.input_ids.device)
+            self._sample_sums[name] = self._sample_sums.get(name, 0) + value
+        if self.log_completions and self.num_completions_to_log:
+            rows = slice(0, self.num_completions_to_log)
+            prompts = completions.input_ids[rows, : completions.prompt_length]
+            prompt_mask = completions.attention_mask[rows, : completions.prompt_length].bool()
+            decode = self._tokenizer.decode
+            self.completion_samples = [
+                {
+                    "source": source,
+                    "prompt": decode(p[m].tolist(), skip_special_tokens=True),
+                    "completion": decode(c[k].tolist(), skip_special_tokens=True),
+                }
+                for p, m, c, k in zip(
+                    prompts,
+                    prompt_mask,
+                    completions.completion_ids[rows],
+                    completions.completion_mask[rows, completions.prompt_length :],
+                    strict=True,
+                )
+            ]
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the completion statistics (and samples) to the training logs, then log."""
+        if "loss" in logs and self._sample_sums:
+            names = sorted(self._sample_sums)
+            stacked = torch.stack([self._sample_sums[n].float() for n in names])
+            totals = dict(zip(names, self.accelerator.reduce(stacked, "sum").tolist(), strict=True))
+            rows = max(totals["rows"], 1.0)
+            logs = {
+                **logs,
+                "completion_length": totals["tokens"] / rows,
+                "eos_share": totals["ended"] / rows,
+                "on_policy_share": totals["on_policy"] / max(totals["batches"], 1.0),
+            }
+            self._sample_sums = {}
+            if self.log_completions and self.completion_samples:
+                for sample in self.completion_samples:
+                    logger.info("step %d %s", self.state.global_step, sample)
+        super().log(logs, *args, **kwargs)
+
+
+def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
+    """The EOS ids: the tokenizer's and the student's ``generation_config``'s, deduplicated."""
+    ids: list[int] = []
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
+        for token in [value] if isinstance(value, int) else list(value or []):
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return ids

