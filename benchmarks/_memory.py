@@ -1,14 +1,19 @@
 """Peak-memory helpers shared by the benchmarks: the kernel's own RSS counters (Linux procfs).
 
 ``reset_peak_rss()`` then a step then ``proc_status_kb("VmHWM") - rss_before`` gives the step's peak
-extra resident memory, allocator caches and temporaries included.
+extra resident memory, allocator caches and temporaries included. ``run_isolated`` runs one
+measurement in a fresh Python process, so the allocator caches of one cannot hide another's.
 """
 
 import ctypes
 import ctypes.util
 import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
 
-__all__ = ["proc_status_kb", "reset_peak_rss", "trim_heap"]
+__all__ = ["proc_status_kb", "reset_peak_rss", "run_isolated", "trim_heap"]
 
 
 def proc_status_kb(field: str) -> int | None:
@@ -47,3 +52,16 @@ def trim_heap() -> None:
         ctypes.CDLL(name).malloc_trim(0)
     except (OSError, AttributeError):
         return
+
+
+def run_isolated(script: str, args: list[str], what: str) -> dict:
+    """Run ``python script *args`` in a fresh process and return the JSON row it prints last.
+
+    Raises:
+        RuntimeError: The child failed; the message holds its stderr.
+    """
+    command = [sys.executable, str(Path(script).resolve()), *args]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"Benchmark of {what} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -37,15 +37,12 @@ Commands (from the repository root):
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _memory import proc_status_kb, reset_peak_rss
+from _memory import proc_status_kb, reset_peak_rss, run_isolated
 from _timing import environment, format_table, median, synchronize, write_rows
 from torch import Tensor, nn
 
@@ -149,18 +146,18 @@ def measure(
 
 def _measure_isolated(variant: str, args: argparse.Namespace, vocab: int) -> dict | None:
     """Run ``measure`` in a fresh Python process and read back its JSON row."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", variant]
-    command += ["--tokens", str(args.tokens), "--hidden", str(args.hidden), "--vocab", str(vocab)]
-    command += ["--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        if variant == "liger" and "No module named 'liger_kernel'" in result.stderr:
+    command = ["--child", variant, "--tokens", str(args.tokens), "--hidden", str(args.hidden)]
+    command += ["--vocab", str(vocab), "--device", args.device, "--dtype", args.dtype]
+    command += ["--repeats", str(args.repeats)]
+    try:
+        return run_isolated(__file__, command, f"{variant!r} (V={vocab})")
+    except RuntimeError as error:
+        if variant == "liger" and "No module named 'liger_kernel'" in str(error):
             print(
                 "liger skipped: liger_kernel is not installed (pip install --no-deps liger-kernel)"
             )
             return None
-        raise RuntimeError(f"Benchmark of {variant!r} (V={vocab}) failed:\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        raise
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

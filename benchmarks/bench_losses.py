@@ -27,14 +27,11 @@ Commands (from the repository root):
 
 import argparse
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from _memory import proc_status_kb, reset_peak_rss
+from _memory import proc_status_kb, reset_peak_rss, run_isolated
 from _timing import environment, format_table, median, time_fn, write_rows
 from torch import Tensor, nn
 
@@ -130,12 +127,8 @@ def measure(name: str, tiny: bool, repeats: int) -> dict:
 
 def _measure_isolated(name: str, tiny: bool, repeats: int) -> dict:
     """Run ``measure`` in a fresh Python process and read back its JSON row."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--repeats"]
-    command += [str(repeats)] + (["--tiny"] if tiny else [])
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"Benchmark of {name!r} failed:\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    args = ["--child", name, "--repeats", str(repeats)] + (["--tiny"] if tiny else [])
+    return run_isolated(__file__, args, repr(name))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

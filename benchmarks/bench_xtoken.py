@@ -40,15 +40,13 @@ import argparse
 import importlib.util
 import json
 import resource
-import subprocess
-import sys
 import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _memory import proc_status_kb, reset_peak_rss
+from _memory import proc_status_kb, reset_peak_rss, run_isolated
 from _timing import environment, format_table, median, write_rows
 from torch import Tensor, nn
 
@@ -224,7 +222,7 @@ def measure_loss(variant: str, args: argparse.Namespace) -> dict:
 
 def _measure_isolated(variant: str, args: argparse.Namespace) -> dict:
     """Run ``measure_loss`` in a fresh Python process and read back its JSON row."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", variant]
+    command = ["--child", variant]
     for name in (
         "tokens",
         "teacher_vocab",
@@ -235,10 +233,7 @@ def _measure_isolated(variant: str, args: argparse.Namespace) -> dict:
         "repeats",
     ):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"Benchmark of {variant!r} failed:\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_isolated(__file__, command, repr(variant))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -33,7 +33,9 @@ from .losses import CosineLoss as CosineLoss
 from .losses import DKDLoss as DKDLoss
 from .losses import EnsembleLogitsDistillationLoss as EnsembleLogitsDistillationLoss
 from .losses import HintLoss as HintLoss
+from .losses import HybridULDLoss as HybridULDLoss
 from .losses import JSDLoss as JSDLoss
+from .losses import LMHeadCrossTokenizerLoss as LMHeadCrossTokenizerLoss
 from .losses import LMHeadDistillationLoss as LMHeadDistillationLoss
 from .losses import LogitsDistillationLoss as LogitsDistillationLoss
 from .losses import MFTLoss as MFTLoss
@@ -47,6 +49,7 @@ from .losses import SkewReverseKLLoss as SkewReverseKLLoss
 from .losses import TopKLogitsKLLoss as TopKLogitsKLLoss
 from .losses import TopKTeacher as TopKTeacher
 from .losses import TVDLoss as TVDLoss
+from .losses import ULDLoss as ULDLoss
 from .losses import get_loss as get_loss
 from .losses import list_losses as list_losses
 from .losses import register_loss as register_loss
@@ -69,8 +72,10 @@ __all__ = [
     "EnsembleLogitsDistillationLoss",
     "ExportStudentConfig",
     "HintLoss",
+    "HybridULDLoss",
     "JSDLoss",
     "KDLossConfig",
+    "LMHeadCrossTokenizerLoss",
     "LMHeadDistillationLoss",
     "LayerwiseKDConfig",
     "LogitsDistillationLoss",
@@ -90,6 +95,7 @@ __all__ = [
     "TeacherDict",
     "TopKLogitsKLLoss",
     "TopKTeacher",
+    "ULDLoss",
     "__version__",
     "add_safe_factories",
     "clear_safe_factories",

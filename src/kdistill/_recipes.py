@@ -20,6 +20,8 @@ __all__ = [
     "ContractOptOut",
     "LossInputs",
     "LossRecipe",
+    "cross_vocab_logit_inputs",
+    "ensemble_logit_inputs",
     "feature_inputs",
     "labelled_logit_inputs",
     "logit_inputs",
@@ -32,17 +34,34 @@ class LossInputs:
 
     Attributes:
         student: Student logits ``[B, T, C]`` or features.
-        teacher: Teacher logits or features.
+        teacher: Teacher logits or features, or a tuple of them (losses of several teachers,
+            e.g. ``EnsembleLogitsDistillationLoss``).
         labels: Optional integer labels ``[B, T]`` (logit losses that need them).
     """
 
     student: Tensor
-    teacher: Tensor
+    teacher: Tensor | tuple[Tensor, ...]
     labels: Tensor | None = None
 
-    def map(self, fn: Callable[[Tensor], Tensor]) -> "LossInputs":
-        """Apply ``fn`` to the student and teacher tensors (labels unchanged)."""
-        return replace(self, student=fn(self.student), teacher=fn(self.teacher))
+    @property
+    def teachers(self) -> tuple[Tensor, ...]:
+        """The teacher tensors as a tuple (one for a single teacher)."""
+        return self.teacher if isinstance(self.teacher, tuple) else (self.teacher,)
+
+    def map(
+        self, fn: Callable[[Tensor], Tensor], teacher_fn: Callable[[Tensor], Tensor] | None = None
+    ) -> "LossInputs":
+        """Apply ``fn`` to the student and to every teacher tensor (``teacher_fn`` there if given).
+
+        Labels are unchanged.
+        """
+        return replace(self, student=fn(self.student), teacher=self.map_teacher(teacher_fn or fn))
+
+    def map_teacher(self, fn: Callable[[Tensor], Tensor]) -> Tensor | tuple[Tensor, ...]:
+        """``fn`` applied to the teacher tensor, or to each one of a tuple (same structure)."""
+        if isinstance(self.teacher, tuple):
+            return tuple(fn(t) for t in self.teacher)
+        return fn(self.teacher)
 
 
 def logit_inputs(generator: torch.Generator) -> LossInputs:
@@ -55,6 +74,47 @@ def labelled_logit_inputs(generator: torch.Generator) -> LossInputs:
     """``logit_inputs`` plus integer labels ``[2, 3]`` in ``[0, 5)``."""
     inputs = logit_inputs(generator)
     return replace(inputs, labels=torch.randint(0, 5, (2, 3), generator=generator))
+
+
+def cross_vocab_logit_inputs(
+    student_classes: int, teacher_classes: int
+) -> Callable[[torch.Generator], LossInputs]:
+    """An input maker of float32 logits over two vocabularies: ``[2, 3, C_s]`` and ``[2, 3, C_t]``.
+
+    For losses between tokenizers (``ULDLoss``, ``HybridULDLoss``), whose recipes then set
+    ``zero_when_equal=False``: no student input equals a teacher input of another size.
+
+    Example:
+        >>> make = cross_vocab_logit_inputs(5, 8)
+        >>> inputs = make(torch.Generator().manual_seed(0))
+        >>> tuple(inputs.student.shape), tuple(inputs.teacher.shape)
+        ((2, 3, 5), (2, 3, 8))
+    """
+
+    def make(generator: torch.Generator) -> LossInputs:
+        student = torch.randn(2, 3, student_classes, generator=generator)
+        return LossInputs(student, torch.randn(2, 3, teacher_classes, generator=generator))
+
+    return make
+
+
+def ensemble_logit_inputs(num_teachers: int) -> Callable[[torch.Generator], LossInputs]:
+    """An input maker of student logits ``[2, 3, 5]`` and a tuple of K teachers, each the same.
+
+    For losses of several teachers (``EnsembleLogitsDistillationLoss``).
+
+    Example:
+        >>> inputs = ensemble_logit_inputs(2)(torch.Generator().manual_seed(0))
+        >>> len(inputs.teachers), tuple(inputs.teachers[1].shape)
+        (2, (2, 3, 5))
+    """
+
+    def make(generator: torch.Generator) -> LossInputs:
+        student = torch.randn(2, 3, 5, generator=generator)
+        teachers = tuple(torch.randn(2, 3, 5, generator=generator) for _ in range(num_teachers))
+        return LossInputs(student, teachers)
+
+    return make
 
 
 def feature_inputs(
@@ -87,7 +147,8 @@ class LossRecipe:
         make_inputs: ``generator -> LossInputs``: small float32 inputs (logit losses:
             ``[B, T, C]`` with labels ``[B, T]`` when needed).
         kind: ``"logits"`` (also checks shift invariance and masking) or ``"features"``.
-        zero_when_equal: The loss is 0 when the student input equals the teacher input.
+        zero_when_equal: The loss is 0 when the student input equals the teacher input (every
+            teacher input, for a tuple of teachers).
         non_negative: The loss is never negative.
         random: The loss draws random numbers; the contract reseeds the global RNG before each
             call it compares.

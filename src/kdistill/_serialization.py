@@ -244,8 +244,9 @@ def constructor_args(obj: nn.Module) -> dict[str, Any]:
     ``obj.get_config()`` if defined, else the attributes named like its ``__init__`` parameters
     (parameters without such an attribute keep their defaults).
     """
-    if hasattr(obj, "get_config"):
-        args = dict(obj.get_config())
+    get_config = getattr(obj, "get_config", None)
+    if get_config is not None:
+        args = dict(get_config())
     else:
         args = {}
         for name, param in inspect.signature(type(obj).__init__).parameters.items():

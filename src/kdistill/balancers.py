@@ -12,8 +12,8 @@ no parameters, so a checkpoint records them by registered name and constructor a
 import abc
 import math
 import numbers
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, overload
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast, overload
 
 from torch import Tensor, nn
 
@@ -40,23 +40,12 @@ __all__ = [
     "list_balancers",
     "register_balancer",
     "register_balancer_recipe",
+    "sum_losses",
 ]
 
 STUDENT_LOSS_KEY = "student_loss"
 
-BALANCERS: Registry[type[nn.Module]] = Registry("loss balancer")
-_RECIPES: dict[str, BalancerRecipe | ContractOptOut] = {}
-
 B = TypeVar("B", bound=type["DistillationLossBalancer"])
-
-
-def _register(name: str, cls: B, recipe: BalancerRecipe | ContractOptOut | None) -> B:
-    if not (isinstance(cls, type) and issubclass(cls, DistillationLossBalancer)):
-        raise TypeError(f"`cls` must subclass DistillationLossBalancer, got {cls!r}.")
-    BALANCERS.register(name, cls)
-    if recipe is not None:
-        _RECIPES[name] = recipe
-    return cls
 
 
 @overload
@@ -88,20 +77,9 @@ def register_balancer(
         >>> get_balancer("static") is StaticLossBalancer
         True
     """
-    if recipe is not None and not isinstance(recipe, BalancerRecipe | ContractOptOut):
-        raise TypeError(
-            f"`recipe` must be a kdistill.testing.BalancerRecipe, a ContractOptOut or None, got "
-            f"{type(recipe).__name__}."
-        )
     if cls is None:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"`name` must be a non-empty string, got {name!r}.")
-
-        def decorator(cls: B) -> B:
-            return _register(name, cls, recipe)
-
-        return decorator
-    return _register(name, cls, recipe)
+        return BALANCERS.decorator(name, recipe)
+    return BALANCERS.register(name, cls, recipe)
 
 
 def register_balancer_recipe(
@@ -113,13 +91,7 @@ def register_balancer_recipe(
         TypeError: ``recipe`` is not a ``BalancerRecipe`` or ``ContractOptOut``.
         ValueError: ``name`` is not a registered balancer, or already has a recipe.
     """
-    if not isinstance(recipe, BalancerRecipe | ContractOptOut):
-        raise TypeError(f"`recipe` must be a BalancerRecipe, got {type(recipe).__name__}.")
-    BALANCERS.get(name)
-    if name in _RECIPES:
-        raise ValueError(f"A balancer recipe for {name!r} is already registered.")
-    _RECIPES[name] = recipe
-    return recipe
+    return BALANCERS.add_recipe(name, recipe)
 
 
 def get_balancer_recipe(name: str) -> BalancerRecipe | ContractOptOut | None:
@@ -128,18 +100,36 @@ def get_balancer_recipe(name: str) -> BalancerRecipe | ContractOptOut | None:
     Raises:
         ValueError: ``name`` is not a registered balancer.
     """
-    BALANCERS.get(name)
-    return _RECIPES.get(name)
+    return BALANCERS.recipe(name)
 
 
 def get_balancer(name: str) -> type["DistillationLossBalancer"]:
     """Return the balancer class registered under ``name``."""
-    return BALANCERS.get(name)  # type: ignore[return-value]
+    return BALANCERS.get(name)
 
 
 def list_balancers() -> list[str]:
     """Names of every registered balancer, sorted."""
     return BALANCERS.names()
+
+
+def sum_losses(losses: Iterable[Tensor]) -> Tensor:
+    """``l₀ + l₁ + … + lₙ₋₁``: the sum of loss terms, added in order from the first.
+
+    Python's ``sum`` starts from the int ``0``, which adds an op and a backward node per step;
+    this starts from the first term, so one term comes back as it is.
+
+    Raises:
+        ValueError: ``losses`` is empty.
+    """
+    iterator = iter(losses)
+    try:
+        total = next(iterator)
+    except StopIteration:
+        raise ValueError("sum_losses() got no loss term to add.") from None
+    for loss in iterator:
+        total = total + loss
+    return total
 
 
 class DistillationLossBalancer(nn.Module, abc.ABC):
@@ -174,6 +164,11 @@ class DistillationLossBalancer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, loss_dict: dict[str, Tensor]) -> Tensor:
         """Combine ``loss_dict`` into the total loss."""
+
+
+BALANCERS: Registry[type[DistillationLossBalancer], BalancerRecipe | ContractOptOut] = Registry(
+    "loss balancer", DistillationLossBalancer, (BalancerRecipe, ContractOptOut)
+)
 
 
 def _check_weights(name: str, value: Any, max_value: float) -> float | list[float]:
@@ -233,10 +228,7 @@ class StaticLossBalancer(DistillationLossBalancer):
                 f"{len(kd_losses)} KD loss(es): {list(kd_losses)}."
             )
         weights, student_weight = self._current_weights()
-        terms = [w * loss for w, loss in zip(weights, kd_losses.values(), strict=True)]
-        total = terms[0]  # not sum(): its int 0 start adds an op and a backward node
-        for term in terms[1:]:
-            total = total + term
+        total = sum_losses([w * loss for w, loss in zip(weights, kd_losses.values(), strict=True)])
         if student_weight > 0:
             if student_loss is None:
                 raise ValueError(
@@ -245,7 +237,7 @@ class StaticLossBalancer(DistillationLossBalancer):
                     "`compute_kd_loss`. Pass `student_loss=...` or make the weights sum to 1."
                 )
             total = total + student_weight * student_loss
-        return total  # type: ignore[return-value]
+        return total
 
     def _current_weights(self) -> tuple[list[float], float]:
         """The KD weights and the student loss weight used by the next ``forward``."""
@@ -339,8 +331,8 @@ class DynamicLossBalancer(DistillationLossBalancer):
                 "`compute_kd_loss`. Pass `student_loss=...`, or use `reference=0` with "
                 "`student_loss_weight=0`."
             )
-        if self.reference == STUDENT_LOSS_KEY:
-            reference = student_loss
+        if isinstance(self.reference, str):  # STUDENT_LOSS_KEY: given, checked just above
+            reference = cast(Tensor, student_loss)
         elif self.reference < len(kd_values):
             reference = kd_values[self.reference]
         else:
@@ -355,10 +347,10 @@ class DynamicLossBalancer(DistillationLossBalancer):
                 return term
             return term * (magnitude / term.detach().abs().clamp(min=self.eps))
 
-        total = sum(w * matched(loss) for w, loss in zip(weights, kd_values, strict=True))
-        if self.student_loss_weight > 0:
-            total = total + self.student_loss_weight * matched(student_loss)
-        return total  # type: ignore[return-value]
+        total = sum_losses(w * matched(loss) for w, loss in zip(weights, kd_values, strict=True))
+        if self.student_loss_weight > 0:  # then the student loss was given (checked above)
+            total = total + self.student_loss_weight * matched(cast(Tensor, student_loss))
+        return total
 
 
 _SCHEDULES = ("constant", "linear_warmup", "cosine")

@@ -17,7 +17,7 @@ import secrets
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 from torch import nn
@@ -344,7 +344,7 @@ def _restore(
         try:
             model.load_state_dict(weights, strict=True)
         except Exception as err:  # checked above, so not expected: still leave no half state
-            model.teardown_()
+            cast(DistillationModel, model).teardown_()  # convert made one
             raise _prefixed(err, source) from err
     return model
 

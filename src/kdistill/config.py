@@ -14,7 +14,7 @@ criterion key's teacher side is then ``"big"``, ``"big.blocks.11"`` or a tuple o
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, TypeAlias, cast
 
 from torch import nn
 
@@ -216,7 +216,8 @@ def _parse_teacher(
         return value
     if isinstance(value, nn.Module):
         return TeacherSpec(instance=value)
-    factory, args, kwargs = value, (), {}
+    factory, args = value, ()
+    kwargs: dict[str, Any] = {}
     if isinstance(value, tuple):
         if not 1 <= len(value) <= 3:
             errors.add(
@@ -531,6 +532,7 @@ class KDLossConfig:
                 if isinstance(built, TeacherDict):
                     _check_built_teachers(student, built, errors)
                 _check_layers(student, built, criterion, errors)
+            # a TeacherDictSpec builds a TeacherDict, a TeacherSpec a module: each gets its own
             teacher = teacher.with_built(built)  # type: ignore[arg-type]
         errors.raise_if_any(f"Invalid config for mode {mode!r}")
         return cls(
@@ -676,7 +678,7 @@ class KDLossRecord:
         """Build the balancer by registered name (``None`` if there is none)."""
         if self.balancer is None:
             return None
-        return build_object(self.balancer, BALANCERS)  # type: ignore[return-value]
+        return cast(DistillationLossBalancer, build_object(self.balancer, BALANCERS))  # a balancer
 
     @property
     def teacher_names(self) -> tuple[str, ...] | None:

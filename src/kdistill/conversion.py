@@ -5,6 +5,7 @@ from typing import Any
 
 from torch import nn
 
+from .config import ExportStudentConfig, KDLossConfig
 from .model import DistillationModel
 from .modes import get_mode
 
@@ -86,15 +87,17 @@ def convert(model: nn.Module, mode: Any) -> nn.Module:
         )
     ((name, raw),) = modes
     descriptor = get_mode(name)
-    if descriptor.converts:
-        if isinstance(model, DistillationModel):
-            raise RuntimeError(
-                f"The model is already a DistillationModel ({type(model).__name__}); export it "
-                "with kdistill.export(model) before converting again."
-            )
-        config = descriptor.config_class.from_user(raw, name, student=model)
+    if descriptor.converts and isinstance(model, DistillationModel):
+        raise RuntimeError(
+            f"The model is already a DistillationModel ({type(model).__name__}); export it "
+            "with kdistill.export(model) before converting again."
+        )
+    config_class = descriptor.config_class
+    config: KDLossConfig | ExportStudentConfig
+    if issubclass(config_class, KDLossConfig):  # the converting modes: checked against the model
+        config = config_class.from_user(raw, name, student=model)
     else:
-        config = descriptor.config_class.from_user(raw, name)
+        config = config_class.from_user(raw, name)
     return descriptor.apply(model, config)
 
 
@@ -108,4 +111,4 @@ def export(model: nn.Module) -> nn.Module:
     Raises:
         RuntimeError: ``model`` is not a DistillationModel.
     """
-    return get_mode("export_student").apply(model, get_mode("export_student").config_class())
+    return get_mode("export_student").apply(model, ExportStudentConfig())

@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 try:
     import transformers
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ._validation import check_bool, check_int, check_positive, check_unit_interval
-from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer
+from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer, sum_losses
 from .conversion import convert, export
 from .llm import compute_causal_lm_loss, is_causal_lm_recipe
 from .losses import EnsembleLogitsDistillationLoss, LMHeadDistillationLoss, LogitsDistillationLoss
@@ -172,8 +172,12 @@ def _check_label_alignment(model: Any, criterion: Any) -> None:
         )
 
 
-def _check_model(model: Any, teacher_model: Any, criterion: Any, loss_balancer: Any) -> None:
-    """Refuse a converted model with KD arguments, a non-module, and a missing teacher."""
+def _check_model(model: Any, teacher_model: Any, criterion: Any, loss_balancer: Any) -> nn.Module:
+    """Refuse a converted model with KD arguments, a non-module, and a missing teacher.
+
+    Returns:
+        ``model``, checked.
+    """
     if isinstance(model, DistillationModel):
         given = [
             name
@@ -199,6 +203,7 @@ def _check_model(model: Any, teacher_model: Any, criterion: Any, loss_balancer: 
         raise ValueError(
             "KDTrainer needs `teacher_model`: an nn.Module, or a class / factory that builds it."
         )
+    return model
 
 
 def _inside_forward(wrapper: nn.Module, module: nn.Module, fn: Callable[[], Any]) -> Any:
@@ -342,6 +347,8 @@ class KDTrainer(transformers.Trainer):
         True
     """
 
+    model: nn.Module  # Trainer allows None; __init__ refuses it
+
     def __init__(
         self,
         model: nn.Module | None = None,
@@ -365,7 +372,7 @@ class KDTrainer(transformers.Trainer):
                 f"(got {args.label_smoothing_factor}): the student's loss comes from the model. "
                 "Set it to 0; distillation already softens the targets."
             )
-        _check_model(model, teacher_model, criterion, loss_balancer)
+        model = _check_model(model, teacher_model, criterion, loss_balancer)
         _check_label_alignment(model, criterion)
         self._kd_config: dict[str, Any] | None = None  # None: the user's converted model
         if not isinstance(model, DistillationModel):
@@ -377,7 +384,7 @@ class KDTrainer(transformers.Trainer):
                 "loss_balancer": loss_balancer,
             }
             # check everything (and build the teacher once) now; convert again in train()
-            converted = convert(model, mode=[("kd_loss", config)])
+            converted = cast(DistillationModel, convert(model, mode=[("kd_loss", config)]))
             config["teacher_model"] = converted.teacher_model
             export(converted)
             self._kd_config = config
@@ -413,7 +420,7 @@ class KDTrainer(transformers.Trainer):
             student_head, why_student = find_lm_head(self.model)
             teacher_head, why_teacher = find_lm_head(self._kd_config["teacher_model"])
             why = why_student or why_teacher
-            if not why:
+            if student_head is not None and teacher_head is not None and not why:
                 self._kd_config["criterion"] = self._chunked_criterion(student_head, teacher_head)
                 logger.info(
                     "KDTrainer: chunked lm_head path (KD and cross-entropy from lm_head chunks, "
@@ -455,7 +462,7 @@ class KDTrainer(transformers.Trainer):
             self.distillation_model.align_teacher_()
             yield self.distillation_model  # the user's converted model, or a nested call
             return
-        model = convert(self.model, mode=[("kd_loss", self._kd_config)])
+        model = cast(DistillationModel, convert(self.model, mode=[("kd_loss", self._kd_config)]))
         model.align_teacher_()
         try:
             yield model
@@ -539,7 +546,7 @@ class KDTrainer(transformers.Trainer):
             labels = forward_inputs.pop("labels", None)
             outputs = model(**forward_inputs)
             mask = inputs.get("attention_mask") if labels is None else None
-            loss_kwargs = (
+            loss_kwargs: dict[str, Any] = (
                 {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
             )
             kd_terms = compute_causal_lm_loss(
@@ -666,13 +673,13 @@ class KDTrainer(transformers.Trainer):
         log_scale = self._scale_for_trainer(terms, model.training, num_items_in_batch)
         balancer = self.distillation_model.loss_balancer
         if balancer is None:
-            loss = sum(terms.kd.values())
+            loss = sum_losses(terms.kd.values())
         else:
             loss_dict = dict(terms.kd)
             if terms.student_loss is not None:
                 loss_dict = {STUDENT_LOSS_KEY: terms.student_loss, **terms.kd}
             loss = balancer(loss_dict)
-        components = {"kd_loss": sum(terms.kd.values()), **terms.kd}
+        components = {"kd_loss": sum_losses(terms.kd.values()), **terms.kd}
         if terms.student_loss is not None:
             components["ce_loss"] = terms.student_loss
         self._record(components, model.training, inputs, log_scale)
@@ -729,8 +736,10 @@ class KDTrainer(transformers.Trainer):
             count = self._mean_over_processes(
                 {"n": torch.tensor(float(self._kd_eval_count), device=self.args.device)}
             )["n"]
+            metrics = dict(output.metrics or {})
             for name, value in sums.items():
-                output.metrics[f"{prefix}_{name}"] = value / max(count, 1)
+                metrics[f"{prefix}_{name}"] = value / max(count, 1)
+            output = output._replace(metrics=metrics)
             self._kd_eval_sums, self._kd_eval_count = {}, 0
         return output
 

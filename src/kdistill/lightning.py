@@ -12,7 +12,7 @@ Install the extra: ``pip install "kdistill[lightning]"``. This module is never i
 """
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 try:
     import lightning as L
@@ -26,7 +26,7 @@ except ModuleNotFoundError as err:  # only a missing lightning, never a bug insi
 from torch import Tensor, nn
 
 from ._dynamic import SubclassFactory
-from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer
+from .balancers import STUDENT_LOSS_KEY, DistillationLossBalancer, sum_losses
 from .conversion import convert, export
 from .model import LOSS_MODULES_KEY, TEACHER_KEY, DistillationModel
 
@@ -81,7 +81,7 @@ class KDModule(L.LightningModule):
         """Convert the student for distillation (``fit`` does this in its ``setup``)."""
         if not isinstance(self.kd_student, DistillationModel):
             student = convert(self.kd_student, mode=[("kd_loss", self._kd_config)])
-            student.align_teacher_()
+            cast(DistillationModel, student).align_teacher_()  # a kd_loss mode converts
 
     def export_student_(self) -> None:
         """Give the plain student back (``fit`` does this when it returns or raises)."""
@@ -105,15 +105,16 @@ class KDModule(L.LightningModule):
             )
         student = self._distilled_student()
         kd_terms = student.compute_kd_loss(skip_balancer=True)
+        kd_loss = sum_losses(kd_terms.values())
         balancer = student.loss_balancer
         if balancer is None:
-            total = sum(kd_terms.values())
+            total = kd_loss
         else:
             losses = dict(kd_terms)
             if student_loss is not None:
                 losses = {STUDENT_LOSS_KEY: student_loss, **kd_terms}
             total = balancer(losses)
-        logged = {"kd_loss": sum(kd_terms.values()), **kd_terms, "total_loss": total}
+        logged = {"kd_loss": kd_loss, **kd_terms, "total_loss": total}
         if student_loss is not None:
             logged["student_loss"] = student_loss
         for name, value in logged.items():
@@ -128,7 +129,9 @@ class KDModule(L.LightningModule):
         with student.hide_teacher_model():
             return super().configure_optimizers()
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def state_dict(  # type: ignore[override]  # forwards torch's overloads through *args
+        self, *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
         """The module's state; outside ``fit`` too, with the entries ``fit``'s checkpoints hold.
 
         Loss modules with parameters (``<student>._loss_modules.*``) and, when
@@ -336,6 +339,7 @@ def distill(
     config["teacher_model"] = converted.teacher_model
     export(converted)
     module.__class__ = _CLASSES.get(type(module))
-    module._kd_student_name = student
-    module._kd_config = config
-    return module
+    kd_module = cast(KDModule, module)
+    kd_module._kd_student_name = student
+    kd_module._kd_config = config
+    return kd_module

@@ -26,7 +26,7 @@ logits and whose (head-less) loss works on those logits: correct, but not memory
 logits again once the model is exported, but ``export_causal_lm`` puts the original module back.
 """
 
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 from torch import Tensor, nn
 
@@ -52,6 +52,9 @@ class _SkippedLMHead(nn.Module):
     model's ``state_dict`` keys and its parameters are exactly as before. Once ``owner`` is no
     longer a ``DistillationModel`` (exported), it applies the original head again.
     """
+
+    original: nn.Module  # the replaced head; plain attributes (see __init__)
+    owner: nn.Module
 
     def __init__(self, head: nn.Module, owner: nn.Module) -> None:
         super().__init__()
@@ -186,11 +189,38 @@ def convert_causal_lm(
         _get_head(student, lm_head_name, "student"), _get_head(teacher, lm_head_name, "teacher")
     )
     config = {"teacher_model": teacher, "criterion": loss, "loss_balancer": loss_balancer}
-    model = convert(student, mode=[("kd_loss", config)])
+    model = cast(DistillationModel, convert(student, mode=[("kd_loss", config)]))
     _skip_heads_(model, lm_head_name)
     return model
 
 
+@overload
+def compute_causal_lm_loss(
+    model: DistillationModel,
+    labels: Tensor | None = ...,
+    *,
+    mask: Tensor | None = ...,
+    num_items_in_batch: int | Tensor | None = ...,
+    skip_balancer: Literal[True],
+) -> dict[str, Tensor]: ...
+@overload
+def compute_causal_lm_loss(
+    model: DistillationModel,
+    labels: Tensor | None = ...,
+    *,
+    mask: Tensor | None = ...,
+    num_items_in_batch: int | Tensor | None = ...,
+    skip_balancer: Literal[False] = ...,
+) -> Tensor: ...
+@overload
+def compute_causal_lm_loss(
+    model: DistillationModel,
+    labels: Tensor | None = ...,
+    *,
+    mask: Tensor | None = ...,
+    num_items_in_batch: int | Tensor | None = ...,
+    skip_balancer: bool = ...,
+) -> Tensor | dict[str, Tensor]: ...
 def compute_causal_lm_loss(
     model: DistillationModel,
     labels: Tensor | None = None,

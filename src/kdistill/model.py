@@ -25,7 +25,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -370,7 +370,7 @@ class DistillationModel(nn.Module):
         self._modules.pop(TEACHER_KEY, None)
         self._modules.pop(LOSS_MODULES_KEY, None)
         del self.__dict__["_kd"]
-        self.__class__ = self.original_cls
+        self.__class__ = self.original_cls  # type: ignore[assignment]  # the point of teardown
 
     # ------------------------------------------------------------------ inner API
     @property
@@ -431,7 +431,7 @@ class DistillationModel(nn.Module):
         """
         distillation_cls = type(self)
         with self._hide_children(TEACHER_KEY, LOSS_MODULES_KEY):
-            self.__class__ = self.original_cls
+            self.__class__ = self.original_cls  # type: ignore[assignment]  # posing as the student
             try:
                 yield self
             finally:
@@ -541,7 +541,9 @@ class DistillationModel(nn.Module):
             capture.warn_on_overwrite = mode
         return self
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def state_dict(  # type: ignore[override]  # forwards torch's overloads through *args
+        self, *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
         """The student's state (plus ``_loss_modules.*``); the teacher only if not hidden."""
         with self.hide_teacher_model(enable=self._kd.expose_minimal):
             return super().state_dict(*args, **kwargs)
@@ -566,6 +568,31 @@ class DistillationModel(nn.Module):
         for capture in self._kd.captures:
             capture.clear()
 
+    @overload
+    def compute_kd_loss(
+        self,
+        student_loss: Tensor | None = ...,
+        loss_reduction_fn: Callable[[Tensor], Tensor] | None = ...,
+        *,
+        skip_balancer: Literal[True],
+        **loss_kwargs: Any,
+    ) -> dict[str, Tensor]: ...
+    @overload
+    def compute_kd_loss(
+        self,
+        student_loss: Tensor | None = ...,
+        loss_reduction_fn: Callable[[Tensor], Tensor] | None = ...,
+        skip_balancer: Literal[False] = ...,
+        **loss_kwargs: Any,
+    ) -> Tensor: ...
+    @overload
+    def compute_kd_loss(
+        self,
+        student_loss: Tensor | None = ...,
+        loss_reduction_fn: Callable[[Tensor], Tensor] | None = ...,
+        skip_balancer: bool = ...,
+        **loss_kwargs: Any,
+    ) -> Tensor | dict[str, Tensor]: ...
     def compute_kd_loss(
         self,
         student_loss: Tensor | None = None,
@@ -697,6 +724,7 @@ def _namespace(student_cls: type) -> dict[str, Any]:
     def forward(self: DistillationModel, *args: Any, **kwargs: Any) -> Any:
         return DistillationModel.forward(self, *args, **kwargs)
 
+    # functions declare no __signature__ attribute, but inspect.signature reads it
     forward.__signature__ = inspect.signature(student_cls.forward)  # type: ignore[attr-defined]
     forward.__doc__ = DistillationModel.forward.__doc__
     forward.__qualname__ = f"DistillationModel[{student_cls.__qualname__}].forward"

@@ -7,7 +7,7 @@ attach a teacher and losses; ``"export_student"`` (what ``export`` applies) remo
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -30,7 +30,7 @@ class ModeDescriptor:
     """
 
     name: str
-    config_class: type
+    config_class: type[KDLossConfig] | type[ExportStudentConfig]
     apply: Callable[[nn.Module, Any], nn.Module]
     converts: bool
 
@@ -47,7 +47,7 @@ def _apply_kd(model: nn.Module, config: KDLossConfig, mode: str, layerwise: bool
     recorded = dataclasses.replace(config, teacher_model=config.teacher_spec.recorded_only())
     model.__class__ = generated
     try:
-        model.setup_(
+        cast(DistillationModel, model).setup_(
             teacher,
             config.criterion,
             config.loss_balancer,

@@ -69,3 +69,16 @@ def test_balancer_registry():
     assert mtd.get_balancer("static") is mtd.StaticLossBalancer
     with pytest.raises(ValueError, match="Unknown loss balancer"):
         mtd.get_balancer("statc")
+
+
+def test_sum_losses_adds_in_order_from_the_first_term():
+    from kdistill.balancers import sum_losses
+
+    a, b, c = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.1, 0.2, 0.3))
+    total = sum_losses([a, b, c])
+    assert total.item() == (0.1 + 0.2) + 0.3  # float64 left-to-right, as Python adds floats
+    total.backward()
+    assert [t.grad.item() for t in (a, b, c)] == [1.0, 1.0, 1.0]
+    assert sum_losses(iter([a])) is a  # one term comes back as it is: no 0 + a op
+    with pytest.raises(ValueError, match="no loss term"):
+        sum_losses([])

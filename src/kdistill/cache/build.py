@@ -108,13 +108,12 @@ def _normalize_layers(teacher: nn.Module, layers: Any) -> list[str]:
             if problem is not None:
                 raise ValueError(f"`layers`: {problem}")
         return layers
-    names = module_names
-    unknown = [layer for layer in layers if layer not in names]
+    unknown = [layer for layer in layers if layer not in module_names]
     if unknown:
-        shown = names[:20]
+        shown = module_names[:20]
         raise ValueError(
             f"Unknown teacher layer(s) {unknown} in `layers`. Valid names ('' is the whole "
-            f"teacher's output): {shown}{' ...' if len(names) > 20 else ''}."
+            f"teacher's output): {shown}{' ...' if len(module_names) > 20 else ''}."
         )
     return layers
 

@@ -97,7 +97,7 @@ class TeacherCache:
         return {"path": str(self._path)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])  # type: ignore[misc]
+        type(self).__init__(self, state["path"])  # reopen from the path, as a new cache would
 
     def __repr__(self) -> str:
         return (

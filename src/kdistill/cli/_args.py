@@ -25,6 +25,7 @@ from torch import nn
 __all__ = [
     "CLIError",
     "UsageError",
+    "add_factory_arguments",
     "build_module",
     "check_device",
     "device_name",
@@ -121,6 +122,38 @@ def factory_spec(text: str) -> str:
             f"expected MODULE:FACTORY such as kdistill.testing.models:tiny_mlp, got {text!r}"
         )
     return text
+
+
+def add_factory_arguments(
+    parser: argparse.ArgumentParser,
+    name: str,
+    help: str,
+    *,
+    positional: bool = False,
+    required: bool = False,
+) -> None:
+    """Add a model given as ``MODULE:FACTORY`` (``name`` or ``--name``) and ``--name-kwargs``.
+
+    Args:
+        parser: The command's parser.
+        name: ``"model"`` or ``"teacher"``: the argument's name and the model's role in the help.
+        help: The help of the ``MODULE:FACTORY`` argument.
+        positional: A positional argument instead of the option ``--name``.
+        required: The option is required (options only).
+    """
+    if positional:
+        parser.add_argument(name, type=factory_spec, metavar="MODULE:FACTORY", help=help)
+    else:
+        parser.add_argument(
+            f"--{name}", type=factory_spec, metavar="MODULE:FACTORY", help=help, required=required
+        )
+    parser.add_argument(
+        f"--{name}-kwargs",
+        type=json_object,
+        default={},
+        metavar="JSON",
+        help=f"keyword arguments of the {name}'s factory, as a JSON object (default: {{}})",
+    )
 
 
 # ---------------------------------------------------------------- checks at the start of a run

@@ -18,12 +18,11 @@ from ..cache import TeacherCache
 from ..demo import data as demo_data
 from ._args import (
     CLIError,
+    add_factory_arguments,
     build_module,
     check_device,
     device_name,
-    factory_spec,
     first_line,
-    json_object,
     positive_float,
     positive_int,
     prepare_output_dir,
@@ -98,20 +97,7 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("output", type=Path, metavar="OUTPUT_DIR", help="cache directory")
-    parser.add_argument(
-        "--teacher",
-        type=factory_spec,
-        required=True,
-        metavar="MODULE:FACTORY",
-        help="e.g. kdistill.demo.mnist:build_mlp",
-    )
-    parser.add_argument(
-        "--teacher-kwargs",
-        type=json_object,
-        default={},
-        metavar="JSON",
-        help="keyword arguments of the factory, as a JSON object (default: {})",
-    )
+    add_factory_arguments(parser, "teacher", "e.g. kdistill.demo.mnist:build_mlp", required=True)
     parser.add_argument(
         "--checkpoint",
         type=Path,

@@ -9,12 +9,11 @@ from torch import nn
 from ..inspect_model import format_side_by_side, format_summary, summarize_modules
 from ._args import (
     CLIError,
+    add_factory_arguments,
     build_module,
     check_device,
     device_name,
-    factory_spec,
     first_line,
-    json_object,
 )
 
 __all__ = ["add_parser", "run"]
@@ -53,19 +52,7 @@ def add_parser(subparsers: Any) -> None:
             'teacher) pairs whose output shapes are equal, as criterion keys such as ("", "").'
         ),
     )
-    parser.add_argument(
-        "model",
-        type=factory_spec,
-        metavar="MODULE:FACTORY",
-        help="e.g. kdistill.testing.models:tiny_mlp",
-    )
-    parser.add_argument(
-        "--model-kwargs",
-        type=json_object,
-        default={},
-        metavar="JSON",
-        help="keyword arguments of the model's factory, as a JSON object",
-    )
+    add_factory_arguments(parser, "model", "e.g. kdistill.testing.models:tiny_mlp", positional=True)
     parser.add_argument(
         "--input-shape", type=shape, required=True, metavar="SIZES", help="e.g. 1,784"
     )
@@ -75,16 +62,7 @@ def add_parser(subparsers: Any) -> None:
         default="float32",
         help="dtype of the zero input (int64 for token ids; default: float32)",
     )
-    parser.add_argument(
-        "--teacher", type=factory_spec, metavar="MODULE:FACTORY", help="a teacher to compare with"
-    )
-    parser.add_argument(
-        "--teacher-kwargs",
-        type=json_object,
-        default={},
-        metavar="JSON",
-        help="keyword arguments of the teacher's factory, as a JSON object",
-    )
+    add_factory_arguments(parser, "teacher", "a teacher to compare with")
     parser.add_argument(
         "--device", type=device_name, default="cpu", help="torch device (default: cpu)"
     )

@@ -62,6 +62,17 @@ class Dataset:
         """D, the number of input features."""
         return self.x_train.shape[1]
 
+    @property
+    def validation(self) -> tuple[Tensor, Tensor]:
+        """``(x_val, y_val)``: the validation split, ``[V, D]`` and ``[V]``.
+
+        Raises:
+            ValueError: The dataset has no validation split.
+        """
+        if self.x_val is None or self.y_val is None:
+            raise ValueError(f"The {self.name!r} dataset has no validation split.")
+        return self.x_val, self.y_val
+
     def subset(
         self, train_samples: int | None, val_samples: int | None, test_samples: int | None
     ) -> "Dataset":
@@ -69,7 +80,7 @@ class Dataset:
 
         ``None`` keeps a whole split.
         """
-        has_val = self.x_val is not None and self.y_val is not None
+        x_val, y_val = (None, None) if self.x_val is None else self.validation
         return Dataset(
             self.name,
             self.x_train[:train_samples],
@@ -78,8 +89,8 @@ class Dataset:
             self.y_test[:test_samples],
             self.num_classes,
             self.note,
-            self.x_val[:val_samples] if has_val else None,
-            self.y_val[:val_samples] if has_val else None,
+            None if x_val is None else x_val[:val_samples],
+            None if y_val is None else y_val[:val_samples],
         )
 
     def to(self, device: torch.device) -> "Dataset":

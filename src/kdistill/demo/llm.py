@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -163,7 +163,7 @@ def load_smollm2(device: str = "cpu", progress_bars: bool = True) -> tuple[nn.Mo
             stack.enter_context(contextlib.redirect_stderr(captured))
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_FILE)
-            model = AutoModelForCausalLM.from_pretrained(
+            model: nn.Module = AutoModelForCausalLM.from_pretrained(
                 directory, gguf_file=GGUF_FILE, dtype=torch.float32
             )
         except Exception:
@@ -461,9 +461,11 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _distill_model(student: nn.Module, teacher: nn.Module, config: LLMDemoConfig) -> nn.Module:
+def _distill_model(
+    student: nn.Module, teacher: nn.Module, config: LLMDemoConfig
+) -> mtd.DistillationModel:
     """``kdistill.convert`` with the top-k KL loss; ``teacher`` is live or a ``CachedTeacher``."""
-    return mtd.convert(
+    converted = mtd.convert(
         student,
         mode=[
             (
@@ -478,10 +480,20 @@ def _distill_model(student: nn.Module, teacher: nn.Module, config: LLMDemoConfig
             )
         ],
     )
+    return cast(mtd.DistillationModel, converted)  # a kd_loss mode converts
+
+
+def _ce_step(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """One step's loss without a teacher: the next-token cross-entropy of ``model``."""
+
+    def step(ids: Tensor, sample_ids: Tensor) -> Tensor:
+        return _next_token_ce(model(ids), ids)
+
+    return step
 
 
 def _kd_step(
-    model: nn.Module, cached: mtd.CachedTeacher | None
+    model: mtd.DistillationModel, cached: mtd.CachedTeacher | None
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """One distillation step's loss: the teacher's top-k (cached rows, or live) + CE."""
 
@@ -559,7 +571,7 @@ def _run(
         if cache_dir is None:
             cache_info["path"] = None
         cached = mtd.CachedTeacher(cache, teacher=fingerprint)
-    runs: dict[str, dict[str, list]] = {
+    runs: dict[str, dict[str, Any]] = {
         name: {"perplexity": [], "val_curves": [], "tokens_per_second": [], "seconds": []}
         for name in ("ce_only", "distilled")
     }
@@ -572,12 +584,8 @@ def _run(
             student = build_student(teacher.config, config).to(torch_device)
             student_params = _params(student)
             if name == "ce_only":
-                model = student
-
-                def step_loss(
-                    ids: Tensor, sample_ids: Tensor, model: nn.Module = student
-                ) -> Tensor:
-                    return _next_token_ce(model(ids), ids)
+                model: nn.Module = student
+                step_loss = _ce_step(student)
 
                 desc = f"CE only (seed {seed})"
             else:
@@ -747,6 +755,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, label in (("ce_only", "student, CE only"), ("distilled", "student, distilled")):
@@ -756,7 +765,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         ax.plot(epochs, [sum(v) / len(v) for v in by_epoch], marker="o", label=label)
         ax.fill_between(epochs, [min(v) for v in by_epoch], [max(v) for v in by_epoch], alpha=0.2)
     ax.set_yscale("log")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    cast(MaxNLocator, ax.xaxis.get_major_locator()).set_params(integer=True)  # an AutoLocator
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation perplexity ({report['val_tokens']} held-out tokens)")
     ax.set_title(f"kdistill demo llm (SmolLM2-135M teacher, {len(report['seeds'])} seeds)")

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -417,7 +417,7 @@ def load_or_train_teacher(
             lr=config.teacher_lr,
             seed=config.teacher_seed,
             loss_fn=lambda x, y, ids: F.cross_entropy(teacher(x), y),
-            val_errors=lambda: count_errors(teacher, data.x_val, data.y_val),
+            val_errors=lambda: count_errors(teacher, *data.validation),
             jitter=jitter,
             desc="teacher",
             progress=progress,
@@ -428,7 +428,7 @@ def load_or_train_teacher(
     teacher.eval()
     info.update(
         params=sum(p.numel() for p in teacher.parameters()),
-        val_errors=count_errors(teacher, data.x_val, data.y_val),
+        val_errors=count_errors(teacher, *data.validation),
         seconds=round(time.perf_counter() - start, 2),
     )
     return teacher, info
@@ -513,37 +513,42 @@ def train_student(
     student = build_mlp(data.in_features, config.student_hidden, data.num_classes)
     student = student.to(data.x_train.device)
     start = time.perf_counter()
-    common = dict(
-        data=data,
-        epochs=epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        seed=seed,
-        jitter=0,
-        progress=progress,
-    )
+    common: dict[str, Any] = {
+        "data": data,
+        "epochs": epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "seed": seed,
+        "jitter": 0,
+        "progress": progress,
+    }
     if teacher is None:
         curve = _train(
             student,
             loss_fn=lambda x, y, ids: F.cross_entropy(student(x), y),
-            val_errors=lambda: count_errors(student, data.x_val, data.y_val),
+            val_errors=lambda: count_errors(student, *data.validation),
             desc=f"student alone (seed {seed})",
             **common,
         )
         return student, curve, time.perf_counter() - start
 
-    model = mtd.convert(
-        student,
-        mode=[
-            (
-                "kd_loss",
-                {
-                    "teacher_model": teacher,
-                    "criterion": mtd.LogitsDistillationLoss(temperature=config.temperature),
-                    "loss_balancer": mtd.StaticLossBalancer(kd_loss_weight=config.kd_loss_weight),
-                },
-            )
-        ],
+    model = cast(
+        mtd.DistillationModel,
+        mtd.convert(
+            student,
+            mode=[
+                (
+                    "kd_loss",
+                    {
+                        "teacher_model": teacher,
+                        "criterion": mtd.LogitsDistillationLoss(temperature=config.temperature),
+                        "loss_balancer": mtd.StaticLossBalancer(
+                            kd_loss_weight=config.kd_loss_weight
+                        ),
+                    },
+                )
+            ],
+        ),
     )
     if isinstance(teacher, mtd.CachedTeacher):
         loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor] = _CachedTeacherLoss(model, teacher)
@@ -555,7 +560,7 @@ def train_student(
 
     def val_errors() -> int:
         with model.only_student_forward():
-            return count_errors(model, data.x_val, data.y_val)
+            return count_errors(model, *data.validation)
 
     kind = "cached" if isinstance(teacher, mtd.CachedTeacher) else "live"
     curve = _train(
@@ -565,10 +570,10 @@ def train_student(
         desc=f"distilled, {kind} teacher (seed {seed})",
         **common,
     )
-    student = mtd.export(model)
-    if curve[-1] != count_errors(student, data.x_val, data.y_val):
+    exported = mtd.export(model)
+    if curve[-1] != count_errors(exported, *data.validation):
         raise RuntimeError("The exported student disagrees with the distilled model.")
-    return student, curve, time.perf_counter() - start
+    return exported, curve, time.perf_counter() - start
 
 
 def _versions() -> dict[str, str]:
@@ -612,7 +617,7 @@ def _prepare(
     if data.note:
         progress.line(f"note: {data.note}")
     progress.line(
-        f"dataset: {data.name} ({len(data.y_train)} train / {len(data.y_val)} validation / "
+        f"dataset: {data.name} ({len(data.y_train)} train / {len(data.validation[1])} validation / "
         f"{len(data.y_test)} test), device: {device}, seeds: {list(config.seeds)}"
     )
     teacher, teacher_info = load_or_train_teacher(
@@ -708,7 +713,7 @@ def _run_demo(
     data, teacher, distill_teacher, teacher_info, cache_info = _prepare(
         config, device, cache_dir, live_teacher, progress, stack
     )
-    runs: dict[str, dict[str, list]] = {
+    runs: dict[str, dict[str, Any]] = {
         name: {"test_errors": [], "val_errors": [], "val_curves": [], "seconds": []}
         for name in ("student_alone", "distilled")
     }
@@ -748,7 +753,7 @@ def _run_demo(
         "dataset": {
             "name": data.name,
             "train_samples": len(data.y_train),
-            "val_samples": len(data.y_val),
+            "val_samples": len(data.validation[1]),
             "test_samples": len(data.y_test),
             "note": data.note,
         },
@@ -876,7 +881,7 @@ def _run_tuning(
         "chosen": chosen,
         "teacher": {"hidden": list(config.teacher_hidden), **teacher_info},
         "student_hidden": list(config.student_hidden),
-        "dataset": {"name": data.name, "val_samples": len(data.y_val)},
+        "dataset": {"name": data.name, "val_samples": len(data.validation[1])},
         "test_evaluations": 0,
         "versions": _versions(),
         "machine": _machine(),

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -291,7 +291,7 @@ def _offpolicy_stage(
     progress: Progress,
 ) -> tuple[nn.Module, float, int]:
     """Distill ``student`` from the cached top-k teacher (``demo llm``'s recipe); time, steps."""
-    model = mtd.convert(
+    converted = mtd.convert(
         student,
         mode=[
             (
@@ -304,6 +304,7 @@ def _offpolicy_stage(
             )
         ],
     )
+    model = cast(mtd.DistillationModel, converted)  # a kd_loss mode converts
     per_epoch = len(train) // config.batch_size
     steps = config.offpolicy_epochs * per_epoch
     params = [p for p in model.parameters() if p.requires_grad]

@@ -4,7 +4,7 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 __all__ = [
     "PUBLISHED",
@@ -38,7 +38,12 @@ def gap_closed_percent(teacher: float, student_alone: float, distilled: float) -
 
 
 PUBLISHED["gap_closed_percent"] = round(
-    gap_closed_percent(PUBLISHED["teacher"], PUBLISHED["student_alone"], PUBLISHED["distilled"]),
+    cast(  # defined: the published student alone (146) is worse than the teacher (67)
+        float,
+        gap_closed_percent(
+            PUBLISHED["teacher"], PUBLISHED["student_alone"], PUBLISHED["distilled"]
+        ),
+    ),
     1,
 )
 
@@ -158,6 +163,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, label in (("student_alone", "student alone"), ("distilled", "distilled student")):
@@ -167,7 +173,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         ax.plot(epochs, [statistics.fmean(v) for v in by_epoch], marker=".", label=label)
         ax.fill_between(epochs, [min(v) for v in by_epoch], [max(v) for v in by_epoch], alpha=0.2)
     ax.axhline(report["teacher"]["val_errors"], color="gray", linestyle="--", label="teacher")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    cast(MaxNLocator, ax.xaxis.get_major_locator()).set_params(integer=True)  # an AutoLocator
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation errors (of {report['dataset']['val_samples']})")
     ax.set_title(

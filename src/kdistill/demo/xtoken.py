@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -594,7 +594,7 @@ def run_xtoken_demo(
 def _run(prep: _Prepared, progress: Progress) -> dict[str, Any]:
     config, train, test = prep.config, prep.train, prep.test
     student_tokens = int(train.batch.student_attention_mask.sum())
-    runs: dict[str, dict[str, list]] = {
+    runs: dict[str, dict[str, Any]] = {
         key: {"bpc": [], "val_curves": [], "seconds": [], "tokens_per_second": []}
         for key, _, _ in VARIANTS
     }
@@ -883,6 +883,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for key, label, _ in VARIANTS:
@@ -892,7 +893,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         ax.plot(epochs, [sum(v) / len(v) for v in by_epoch], marker="o", label=f"student, {label}")
         ax.fill_between(epochs, [min(v) for v in by_epoch], [max(v) for v in by_epoch], alpha=0.2)
     ax.axhline(report["teacher"]["val_bpc"], color="gray", linestyle="--", label="teacher")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    cast(MaxNLocator, ax.xaxis.get_major_locator()).set_params(integer=True)  # an AutoLocator
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation bits per character ({report['text']['val']['chars']} chars)")
     ax.set_title(

@@ -3,7 +3,10 @@
 One implementation of each formula, shared by the plain logit losses and the memory-efficient
 LLM losses. Inputs are log-probabilities in float32 (``log_softmax`` of temperature-scaled
 logits), shape ``[..., C]``; outputs have shape ``[...]``. The teacher side is never
-differentiated by callers (they pass detached tensors).
+differentiated by callers (they pass detached tensors). The last section compares distributions
+over two different vocabularies (``[..., V_s]`` and ``[..., V_t]``): ULD's transport distance
+(``uld_distance``) and the two terms of the hybrid ULD loss (``hybrid_uld_terms``, with the
+shared-vocabulary split ``SharedIndex``); their papers are cited in ``cross_tokenizer.py``.
 """
 
 import math
@@ -13,8 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "SharedIndex",
     "forward_kl",
     "generalized_jsd",
+    "hybrid_uld_terms",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
@@ -23,6 +28,7 @@ __all__ = [
     "topk_forward_kl_sparse",
     "topk_log_tail_mass",
     "total_variation",
+    "uld_distance",
     "upcast",
 ]
 
@@ -188,3 +194,124 @@ def topk_forward_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, k: int
     values, indices = teacher_log_probs.topk(min(k, teacher_log_probs.shape[-1]), dim=-1)
     tail = topk_log_tail_mass(teacher_log_probs, indices)
     return topk_forward_kl_sparse(student_log_probs, values, indices, tail)
+
+
+# ---------------------------------------------------------------- between two vocabularies
+def uld_distance(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
+    """Wasserstein-1 distance of ULD: ``Σ_j |sort↓(q)_j − sort↓(p)_j|``, the shorter side 0-padded.
+
+    With ``m = min(V_s, V_t)`` this is ``Σ_{j<m} |q↓_j − p↓_j|`` plus the mass in the longer
+    side's sorted tail (``j ≥ m``), which faces the zero padding. It depends on each distribution
+    only through its sorted values, so it is invariant to permutations of either vocabulary.
+
+    Args:
+        student_probs: ``[..., V_s]`` probabilities (or any non-negative masses).
+        teacher_probs: ``[..., V_t]``, same leading shape.
+
+    Returns:
+        ``[...]``; in ``[0, 2]`` for two distributions.
+
+    Example:
+        >>> import torch
+        >>> uld_distance(torch.tensor([0.5, 0.5]), torch.tensor([0.2, 0.7, 0.1]))
+        tensor(0.6000)
+    """
+    student_sorted = student_probs.sort(dim=-1, descending=True).values
+    teacher_sorted = teacher_probs.sort(dim=-1, descending=True).values
+    m = min(student_sorted.shape[-1], teacher_sorted.shape[-1])
+    head = (student_sorted[..., :m] - teacher_sorted[..., :m]).abs().sum(-1)
+    return head + student_sorted[..., m:].sum(-1) + teacher_sorted[..., m:].sum(-1)
+
+
+class SharedIndex:
+    """Index tensors that split two vocabularies into shared and not-shared ("rest") ids.
+
+    Args:
+        teacher_shared: ``[K]`` int64 teacher ids; ``student_shared[k]`` is the student id of the
+            same token.
+        student_shared: ``[K]`` int64 student ids.
+        teacher_size: V_t, the teacher's number of logits.
+        student_size: V_s.
+
+    Raises:
+        ValueError: An id is out of range for its vocabulary size.
+    """
+
+    def __init__(
+        self, teacher_shared: Tensor, student_shared: Tensor, teacher_size: int, student_size: int
+    ) -> None:
+        self.identity = False
+        for role, ids, size in (
+            ("teacher", teacher_shared, teacher_size),
+            ("student", student_shared, student_size),
+        ):
+            if ids.numel() and int(ids.max()) >= size:
+                raise ValueError(
+                    f"Shared {role} token id {int(ids.max())} is out of range for {role} logits "
+                    f"of size {size}. The shared-vocabulary map must come from the tokenizers of "
+                    "these models (kdistill.xtoken.shared_vocabulary)."
+                )
+        self.teacher_shared = teacher_shared
+        self.student_shared = student_shared
+        self.teacher_rest = _complement(teacher_shared, teacher_size)
+        self.student_rest = _complement(student_shared, student_size)
+
+    @classmethod
+    def identity_map(cls, size: int, device: torch.device) -> "SharedIndex":
+        """Every id shared with itself: two copies of one vocabulary of ``size`` ids."""
+        ids = torch.arange(size, device=device)
+        index = cls(ids, ids, size, size)
+        index.identity = True
+        return index
+
+    @property
+    def covers_both(self) -> bool:
+        """Every id of both vocabularies is shared (e.g. identical tokenizers)."""
+        return self.teacher_rest.numel() == 0 and self.student_rest.numel() == 0
+
+
+def _complement(ids: Tensor, size: int) -> Tensor:
+    """The ids in ``[0, size)`` that are not in ``ids``, ascending."""
+    keep = torch.ones(size, dtype=torch.bool, device=ids.device)
+    keep[ids] = False
+    return keep.nonzero().squeeze(1)
+
+
+def hybrid_uld_terms(
+    student_log_probs: Tensor, teacher_log_probs: Tensor, index: SharedIndex
+) -> tuple[Tensor, Tensor]:
+    """The two terms of the hybrid loss: shared-token KL and ULD on the rest.
+
+    With teacher probabilities ``p`` over V_t, student ``q`` over V_s, shared pairs
+    ``(a_k, b_k)``, shared masses ``P = Σ_k p[a_k]``, ``Q = Σ_k q[b_k]``, renormalized shared
+    distributions ``p̃_k = p[a_k] / P``, ``q̃_k = q[b_k] / Q`` and the not-shared parts ``p_R``,
+    ``q_R`` (unnormalized):
+
+    - ``kl = P · KL(p̃ ‖ q̃) = Σ_k p[a_k]·(log p[a_k] − log q[b_k]) − P·log P + P·log Q``
+      (0 when P = 0; when every id of both sides is shared, P = Q = 1 and it is computed as
+      plain forward KL);
+    - ``uld = uld_distance(q_R, p_R)`` (0 when neither side has a rest).
+
+    Args:
+        student_log_probs: ``[..., V_s]`` log-probabilities.
+        teacher_log_probs: ``[..., V_t]`` log-probabilities (detached by callers).
+        index: The shared / rest split of the two vocabularies.
+
+    Returns:
+        ``(kl, uld)``, each ``[...]``.
+    """
+    if index.identity:
+        kl = forward_kl(student_log_probs, teacher_log_probs)
+        return kl, torch.zeros_like(kl)
+    teacher_shared = teacher_log_probs.index_select(-1, index.teacher_shared)  # [..., K]
+    student_shared = student_log_probs.index_select(-1, index.student_shared)  # [..., K]
+    kl = forward_kl(student_shared, teacher_shared)
+    if index.covers_both:
+        return kl, torch.zeros_like(kl)
+    mass = teacher_shared.exp().sum(-1)  # P
+    kl = kl - torch.xlogy(mass, mass) + mass * torch.logsumexp(student_shared, dim=-1)
+    uld = uld_distance(
+        student_log_probs.index_select(-1, index.student_rest).exp(),
+        teacher_log_probs.index_select(-1, index.teacher_rest).exp(),
+    )
+    return kl, uld

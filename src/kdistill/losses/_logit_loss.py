@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from .._validation import MAX_SCALE, check_int, check_positive
+from .._validation import MAX_SCALE, check_choice, check_int, check_positive
 from ._divergences import tempered_log_probs
 from ._utils import (
+    REDUCTIONS,
     check_logits_pair,
-    check_reduction,
     extract_logits,
     position_mask,
     reduce_positions,
@@ -57,6 +57,12 @@ class LogitDivergenceLoss(nn.Module, abc.ABC):
     which calls the same ``divergence`` on ``[chunk, V]`` log-probabilities (``labels`` then are
     the shifted next-token targets ``[chunk]``).
 
+    Two kinds of subclass change the preamble, not the hook: a loss whose teacher side is not
+    one dense tensor overrides ``teacher_distribution`` (``TopKLogitsKLLoss``: a sparse
+    ``TopKTeacher``; ``EnsembleLogitsDistillationLoss``: a tuple of K teachers), and a loss
+    that must pair positions before comparing them (the cross-tokenizer losses) writes its own
+    ``forward`` from ``dense_teacher`` / ``teacher_distribution`` and ``reduce_divergence``.
+
     Class attributes:
         temperature_squared: Multiply the reduced loss by T² (False for bounded divergences, e.g.
             TVD).
@@ -65,6 +71,10 @@ class LogitDivergenceLoss(nn.Module, abc.ABC):
         same_classes: Student and teacher must have the same class count (False for losses that
             compare distributions over different vocabularies; the leading shapes must still
             match).
+        reductions: The accepted ``reduction`` values.
+        lm_head_divergence: ``LMHeadDistillationLoss(divergence=name)`` may use the loss: its
+            ``divergence`` takes the dense teacher log-probabilities of the default
+            ``teacher_distribution``.
 
     Args:
         temperature: Softmax temperature T, finite, > 0 and at most ``1e6`` (T² stays finite).
@@ -75,6 +85,8 @@ class LogitDivergenceLoss(nn.Module, abc.ABC):
     temperature_squared: ClassVar[bool] = True
     requires_labels: ClassVar[bool] = False
     same_classes: ClassVar[bool] = True
+    reductions: ClassVar[tuple[str, ...]] = REDUCTIONS
+    lm_head_divergence: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -84,7 +96,7 @@ class LogitDivergenceLoss(nn.Module, abc.ABC):
     ) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature, max_value=MAX_SCALE)
-        self.reduction = check_reduction(reduction)
+        self.reduction = check_choice("reduction", reduction, self.reductions)
         self.ignore_index = (
             None if ignore_index is None else check_int("ignore_index", ignore_index)
         )
@@ -110,15 +122,35 @@ class LogitDivergenceLoss(nn.Module, abc.ABC):
         """The teacher side given to ``divergence``: detached ``log_softmax(t / T)`` ``[..., C]``.
 
         Override it for teachers that are not dense logits (``TopKLogitsKLLoss`` accepts a sparse
-        ``TopKTeacher``).
+        ``TopKTeacher``, ``EnsembleLogitsDistillationLoss`` a tuple of teachers).
 
         Raises:
             TypeError: No logits found in ``teacher_logits``.
             ValueError: The shapes do not pair up (both sizes named).
         """
-        teacher_logits = extract_logits(teacher_logits, "teacher").detach()
-        check_logits_pair(student_logits, teacher_logits, self.same_classes)
-        return tempered_log_probs(teacher_logits, self.temperature)
+        return tempered_log_probs(
+            self.dense_teacher(teacher_logits, student_logits), self.temperature
+        )
+
+    def dense_teacher(
+        self, teacher_logits: Any, student_logits: Tensor, role: str = "teacher"
+    ) -> Tensor:
+        """The detached teacher logits ``[..., C]``, checked against the student's.
+
+        Args:
+            teacher_logits: A Tensor or a model output holding logits.
+            student_logits: ``[..., C_s]``, to check the shapes against.
+            role: Names the teacher in the error messages.
+
+        Raises:
+            TypeError: No logits found in ``teacher_logits``.
+            ValueError: The shapes do not pair up (both sizes named).
+        """
+        teacher = extract_logits(teacher_logits, role)
+        if teacher.requires_grad:  # nothing to cut otherwise (teachers run under no_grad)
+            teacher = teacher.detach()
+        check_logits_pair(student_logits, teacher, self.same_classes)
+        return teacher
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -147,8 +179,24 @@ class LogitDivergenceLoss(nn.Module, abc.ABC):
         positions = student_logits.shape[:-1]
         targets = self._targets(labels, positions) if self.requires_labels else None
         keep = position_mask(positions, mask, labels, self.ignore_index)
+        return self.reduce_divergence(student_logits, teacher, targets, keep)
+
+    def reduce_divergence(
+        self, student_logits: Tensor, teacher: Any, labels: Tensor | None, keep: Tensor | None
+    ) -> Tensor:
+        """Steps 4 to 6 of ``forward``: ``divergence`` on ``log_softmax(s / T)``, reduce, T².
+
+        Args:
+            student_logits: ``[..., C_s]`` student logits (not detached).
+            teacher: What ``teacher_distribution`` returned for them.
+            labels: ``[...]`` targets for ``divergence`` (``ignore_index`` replaced), or None.
+            keep: ``[...]`` bool, the kept positions (None: all).
+
+        Returns:
+            The reduced loss (``[...]`` for ``reduction="none"``).
+        """
         per_position = self.divergence(
-            tempered_log_probs(student_logits, self.temperature), teacher, targets
+            tempered_log_probs(student_logits, self.temperature), teacher, labels
         )
         loss = reduce_positions(per_position, self.reduction, student_logits.shape[-1], keep)
         # T² after the reduction (it is linear): one multiply on a scalar instead of [...]

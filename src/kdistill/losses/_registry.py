@@ -25,27 +25,11 @@ __all__ = [
     "register_loss_recipe",
 ]
 
-LOSSES: Registry[type[nn.Module]] = Registry("loss")
-_RECIPES: dict[str, LossRecipe | ContractOptOut] = {}
+LOSSES: Registry[type[nn.Module], LossRecipe | ContractOptOut] = Registry(
+    "loss", nn.Module, (LossRecipe, ContractOptOut)
+)
 
 L = TypeVar("L", bound=type[nn.Module])
-
-
-def _check_recipe(recipe: object) -> None:
-    if recipe is not None and not isinstance(recipe, LossRecipe | ContractOptOut):
-        raise TypeError(
-            f"`recipe` must be a kdistill.testing.LossRecipe, a ContractOptOut or None, got "
-            f"{type(recipe).__name__}."
-        )
-
-
-def _register(name: str, cls: L, recipe: LossRecipe | ContractOptOut | None) -> L:
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"`cls` must be an nn.Module subclass, got {cls!r}.")
-    LOSSES.register(name, cls)
-    if recipe is not None:
-        _RECIPES[name] = recipe
-    return cls
 
 
 @overload
@@ -91,16 +75,9 @@ def register_loss(
         >>> get_loss("logits_distillation") is LogitsDistillationLoss
         True
     """
-    _check_recipe(recipe)
     if cls is None:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"`name` must be a non-empty string, got {name!r}.")
-
-        def decorator(cls: L) -> L:
-            return _register(name, cls, recipe)
-
-        return decorator
-    return _register(name, cls, recipe)
+        return LOSSES.decorator(name, recipe)
+    return LOSSES.register(name, cls, recipe)
 
 
 def register_loss_recipe(
@@ -112,13 +89,7 @@ def register_loss_recipe(
         TypeError: ``recipe`` is not a ``LossRecipe`` or ``ContractOptOut``.
         ValueError: ``name`` is not a registered loss, or already has a recipe.
     """
-    if not isinstance(recipe, LossRecipe | ContractOptOut):
-        raise TypeError(f"`recipe` must be a LossRecipe, got {type(recipe).__name__}.")
-    LOSSES.get(name)  # unknown names raise, listing the registered ones
-    if name in _RECIPES:
-        raise ValueError(f"A loss recipe for {name!r} is already registered.")
-    _RECIPES[name] = recipe
-    return recipe
+    return LOSSES.add_recipe(name, recipe)
 
 
 def get_loss_recipe(name: str) -> LossRecipe | ContractOptOut | None:
@@ -127,8 +98,7 @@ def get_loss_recipe(name: str) -> LossRecipe | ContractOptOut | None:
     Raises:
         ValueError: ``name`` is not a registered loss.
     """
-    LOSSES.get(name)
-    return _RECIPES.get(name)
+    return LOSSES.recipe(name)
 
 
 def get_loss(name: str) -> type[nn.Module]:

@@ -5,33 +5,21 @@ reduction cannot drift between variants.
 """
 
 from collections.abc import Mapping
-from typing import Any, Literal, TypeAlias
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .._validation import check_choice
-
 __all__ = [
     "REDUCTIONS",
-    "Reduction",
     "check_logits_pair",
-    "check_reduction",
     "extract_logits",
     "position_mask",
     "reduce_positions",
 ]
 
-Reduction: TypeAlias = Literal["batchmean", "sum", "mean", "none"]
 REDUCTIONS: tuple[str, ...] = ("batchmean", "sum", "mean", "none")
-
-
-def check_reduction(reduction: str) -> str:
-    """Validate a ``reduction`` argument at construction time (``ValueError`` naming the choices).
-
-    ``"batchmean"`` averages the per-position loss; ``"mean"`` also divides by the class count.
-    """
-    return check_choice("reduction", reduction, REDUCTIONS)
+"""The ``reduction`` values of the logit losses (see ``reduce_positions``)."""
 
 
 def extract_logits(output: Any, role: str) -> Tensor:

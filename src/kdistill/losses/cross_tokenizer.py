@@ -25,24 +25,21 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._recipes import LossRecipe
-from .._validation import check_choice, check_non_negative, check_positive
-from ._divergences import forward_kl, upcast
+from .._recipes import LossRecipe, cross_vocab_logit_inputs
+from .._validation import check_non_negative
+from ._divergences import SharedIndex, hybrid_uld_terms, uld_distance
+from ._logit_loss import LogitDivergenceLoss
 from ._registry import register_loss
-from ._utils import extract_logits, position_mask, reduce_positions
+from ._utils import extract_logits, position_mask
 
 __all__ = [
     "AlignedPositions",
     "HybridULDLoss",
-    "SharedIndex",
     "ULDLoss",
     "aligned_pairs",
     "check_alignment",
-    "hybrid_uld_terms",
-    "uld_distance",
 ]
 
 CROSS_TOKENIZER_REDUCTIONS: tuple[str, ...] = ("batchmean", "sum", "none")
@@ -62,126 +59,6 @@ class AlignedPositions(Protocol):
     mask: Tensor
 
 
-def uld_distance(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
-    """Wasserstein-1 distance of ULD: ``Σ_j |sort↓(q)_j − sort↓(p)_j|``, the shorter side 0-padded.
-
-    With ``m = min(V_s, V_t)`` this is ``Σ_{j<m} |q↓_j − p↓_j|`` plus the mass in the longer
-    side's sorted tail (``j ≥ m``), which faces the zero padding. It depends on each distribution
-    only through its sorted values, so it is invariant to permutations of either vocabulary.
-
-    Args:
-        student_probs: ``[..., V_s]`` probabilities (or any non-negative masses).
-        teacher_probs: ``[..., V_t]``, same leading shape.
-
-    Returns:
-        ``[...]``; in ``[0, 2]`` for two distributions.
-
-    Example:
-        >>> import torch
-        >>> uld_distance(torch.tensor([0.5, 0.5]), torch.tensor([0.2, 0.7, 0.1]))
-        tensor(0.6000)
-    """
-    student_sorted = student_probs.sort(dim=-1, descending=True).values
-    teacher_sorted = teacher_probs.sort(dim=-1, descending=True).values
-    m = min(student_sorted.shape[-1], teacher_sorted.shape[-1])
-    head = (student_sorted[..., :m] - teacher_sorted[..., :m]).abs().sum(-1)
-    return head + student_sorted[..., m:].sum(-1) + teacher_sorted[..., m:].sum(-1)
-
-
-class SharedIndex:
-    """Index tensors that split two vocabularies into shared and not-shared ("rest") ids.
-
-    Args:
-        teacher_shared: ``[K]`` int64 teacher ids; ``student_shared[k]`` is the student id of the
-            same token.
-        student_shared: ``[K]`` int64 student ids.
-        teacher_size: V_t, the teacher's number of logits.
-        student_size: V_s.
-
-    Raises:
-        ValueError: An id is out of range for its vocabulary size.
-    """
-
-    def __init__(
-        self, teacher_shared: Tensor, student_shared: Tensor, teacher_size: int, student_size: int
-    ) -> None:
-        self.identity = False
-        for role, ids, size in (
-            ("teacher", teacher_shared, teacher_size),
-            ("student", student_shared, student_size),
-        ):
-            if ids.numel() and int(ids.max()) >= size:
-                raise ValueError(
-                    f"Shared {role} token id {int(ids.max())} is out of range for {role} logits "
-                    f"of size {size}. The shared-vocabulary map must come from the tokenizers of "
-                    "these models (kdistill.xtoken.shared_vocabulary)."
-                )
-        self.teacher_shared = teacher_shared
-        self.student_shared = student_shared
-        self.teacher_rest = _complement(teacher_shared, teacher_size)
-        self.student_rest = _complement(student_shared, student_size)
-
-    @classmethod
-    def identity_map(cls, size: int, device: torch.device) -> "SharedIndex":
-        """Every id shared with itself: two copies of one vocabulary of ``size`` ids."""
-        ids = torch.arange(size, device=device)
-        index = cls(ids, ids, size, size)
-        index.identity = True
-        return index
-
-    @property
-    def covers_both(self) -> bool:
-        """Every id of both vocabularies is shared (e.g. identical tokenizers)."""
-        return self.teacher_rest.numel() == 0 and self.student_rest.numel() == 0
-
-
-def _complement(ids: Tensor, size: int) -> Tensor:
-    """The ids in ``[0, size)`` that are not in ``ids``, ascending."""
-    keep = torch.ones(size, dtype=torch.bool, device=ids.device)
-    keep[ids] = False
-    return keep.nonzero().squeeze(1)
-
-
-def hybrid_uld_terms(
-    student_log_probs: Tensor, teacher_log_probs: Tensor, index: SharedIndex
-) -> tuple[Tensor, Tensor]:
-    """The two terms of the hybrid loss: shared-token KL and ULD on the rest.
-
-    With teacher probabilities ``p`` over V_t, student ``q`` over V_s, shared pairs
-    ``(a_k, b_k)``, shared masses ``P = Σ_k p[a_k]``, ``Q = Σ_k q[b_k]``, renormalized shared
-    distributions ``p̃_k = p[a_k] / P``, ``q̃_k = q[b_k] / Q`` and the not-shared parts ``p_R``,
-    ``q_R`` (unnormalized):
-
-    - ``kl = P · KL(p̃ ‖ q̃) = Σ_k p[a_k]·(log p[a_k] − log q[b_k]) − P·log P + P·log Q``
-      (0 when P = 0; when every id of both sides is shared, P = Q = 1 and it is computed as
-      plain forward KL);
-    - ``uld = uld_distance(q_R, p_R)`` (0 when neither side has a rest).
-
-    Args:
-        student_log_probs: ``[..., V_s]`` log-probabilities.
-        teacher_log_probs: ``[..., V_t]`` log-probabilities (detached by callers).
-        index: The shared / rest split of the two vocabularies.
-
-    Returns:
-        ``(kl, uld)``, each ``[...]``.
-    """
-    if index.identity:
-        kl = forward_kl(student_log_probs, teacher_log_probs)
-        return kl, torch.zeros_like(kl)
-    teacher_shared = teacher_log_probs.index_select(-1, index.teacher_shared)  # [..., K]
-    student_shared = student_log_probs.index_select(-1, index.student_shared)  # [..., K]
-    kl = forward_kl(student_shared, teacher_shared)
-    if index.covers_both:
-        return kl, torch.zeros_like(kl)
-    mass = teacher_shared.exp().sum(-1)  # P
-    kl = kl - torch.xlogy(mass, mass) + mass * torch.logsumexp(student_shared, dim=-1)
-    uld = uld_distance(
-        student_log_probs.index_select(-1, index.student_rest).exp(),
-        teacher_log_probs.index_select(-1, index.teacher_rest).exp(),
-    )
-    return kl, uld
-
-
 def _gather(values: Tensor, positions: Tensor) -> Tensor:
     """``values[b, positions[b, p]]``: ``[B, T, ...] -> [B, P, ...]``."""
     rows = torch.arange(positions.shape[0], device=values.device)[:, None]
@@ -190,13 +67,15 @@ def _gather(values: Tensor, positions: Tensor) -> Tensor:
 
 def check_alignment(alignment: Any, student: Tensor, teacher: Tensor) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``alignment`` fits the inputs ``[B, T, ...]``."""
-    tensors = [getattr(alignment, n, None) for n in ("teacher_positions", "student_positions")]
-    tensors.append(getattr(alignment, "mask", None))
-    if not all(isinstance(t, Tensor) for t in tensors):
-        raise TypeError(
-            "`alignment` must have tensors `teacher_positions`, `student_positions` and `mask` "
-            f"(e.g. kdistill.xtoken.TokenAlignment), got {type(alignment).__name__}."
-        )
+    tensors: list[Tensor] = []
+    for name in ("teacher_positions", "student_positions", "mask"):
+        value = getattr(alignment, name, None)
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                "`alignment` must have tensors `teacher_positions`, `student_positions` and "
+                f"`mask` (e.g. kdistill.xtoken.TokenAlignment), got {type(alignment).__name__}."
+            )
+        tensors.append(value)
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1 or tensors[0].ndim != 2:
         raise ValueError(f"`alignment` tensors must share one shape [B, P], got {sorted(shapes)}.")
@@ -243,27 +122,25 @@ def aligned_pairs(
     return student, teacher, keep
 
 
-class _CrossTokenizerLoss(nn.Module):
-    """Shared preamble: unwrap, pair positions, mask, log-softmax at T, reduce per position."""
+class _CrossTokenizerLoss(LogitDivergenceLoss):
+    """Base of ULD and hybrid ULD: the logit-loss preamble, at aligned position pairs.
 
-    def __init__(self, temperature: float, reduction: str, ignore_index: int | None) -> None:
-        super().__init__()
-        self.temperature = check_positive("temperature", temperature, max_value=1e6)
-        self.reduction = check_choice("reduction", reduction, CROSS_TOKENIZER_REDUCTIONS)
-        if ignore_index is not None and (
-            not isinstance(ignore_index, int) or isinstance(ignore_index, bool)
-        ):
-            raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
-        self.ignore_index = ignore_index
+    ``forward`` unwraps and detaches like every logit loss, builds the kept-position mask over
+    the student positions, gathers both sides (and the mask) at the aligned pairs, and then runs
+    the shared ``teacher_distribution`` and ``reduce_divergence`` on ``[B, P, V]`` pairs.
+    """
 
-    def per_position(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        """The loss at each position from log-probabilities at temperature T: ``[...]``."""
-        raise NotImplementedError
+    # ULD is a bounded distance (no T², like TVD); the hybrid applies T² to its KL term itself
+    temperature_squared = False
+    same_classes = False
+    reductions = CROSS_TOKENIZER_REDUCTIONS
+    # their chunked form is LMHeadCrossTokenizerLoss, which also pairs positions
+    lm_head_divergence = False
 
     def forward(
         self,
         student_logits: Tensor,
-        teacher_logits: Tensor,
+        teacher_logits: Any,
         *,
         alignment: AlignedPositions | None = None,
         labels: Tensor | None = None,
@@ -291,14 +168,20 @@ class _CrossTokenizerLoss(nn.Module):
         teacher = extract_logits(teacher_logits, "teacher").detach()
         keep = position_mask(student.shape[:-1], mask, labels, self.ignore_index)
         student, teacher, keep = aligned_pairs(student, teacher, alignment, keep)
-        per_position = self.per_position(
-            F.log_softmax(upcast(student) / self.temperature, dim=-1),
-            F.log_softmax(upcast(teacher) / self.temperature, dim=-1),
+        return self.reduce_divergence(
+            student, self.teacher_distribution(teacher, student), None, keep
         )
-        return reduce_positions(per_position, self.reduction, 1, keep)
 
 
-@register_loss("uld", recipe=LossRecipe(lambda: ULDLoss(temperature=2.0)))
+# different vocabularies: no student input equals a teacher input, so no zero_when_equal check
+# (ULD of identical distributions is 0: tests/unit/losses/test_cross_tokenizer.py)
+_CROSS_VOCAB_INPUTS = cross_vocab_logit_inputs(5, 8)
+
+
+@register_loss(
+    "uld",
+    recipe=LossRecipe(lambda: ULDLoss(temperature=2.0), _CROSS_VOCAB_INPUTS, zero_when_equal=False),
+)
 class ULDLoss(_CrossTokenizerLoss):
     """Universal Logit Distillation (Boizard et al., 2024): transport between sorted probabilities.
 
@@ -330,17 +213,9 @@ class ULDLoss(_CrossTokenizerLoss):
         torch.Size([])
     """
 
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        reduction: str = "batchmean",
-        ignore_index: int | None = None,
-    ) -> None:
-        super().__init__(temperature, reduction, ignore_index)
-
-    def per_position(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+    def divergence(self, student_log_probs: Tensor, teacher: Any, labels: Tensor | None) -> Tensor:
         """``uld_distance(q, p)`` at each position: ``[...]``."""
-        return uld_distance(student_log_probs.exp(), teacher_log_probs.exp())
+        return uld_distance(student_log_probs.exp(), teacher.exp())
 
 
 def _check_ids(name: str, ids: Any) -> list[int]:
@@ -359,7 +234,14 @@ def _check_ids(name: str, ids: Any) -> list[int]:
     return list(ids)
 
 
-@register_loss("hybrid_uld", recipe=LossRecipe(lambda: HybridULDLoss(temperature=2.0)))
+@register_loss(
+    "hybrid_uld",
+    recipe=LossRecipe(
+        lambda: HybridULDLoss([0, 2, 7], [4, 1, 0], temperature=2.0),
+        _CROSS_VOCAB_INPUTS,
+        zero_when_equal=False,
+    ),
+)
 class HybridULDLoss(_CrossTokenizerLoss):
     """Exact KL on the tokens both vocabularies share, ULD on the rest (GOLD's hybrid).
 
@@ -405,6 +287,9 @@ class HybridULDLoss(_CrossTokenizerLoss):
         torch.Size([])
     """
 
+    _teacher_index: Tensor  # [K] buffers (non-persistent), set in __init__
+    _student_index: Tensor
+
     def __init__(
         self,
         teacher_ids: Sequence[int] | Tensor | None = None,
@@ -425,7 +310,11 @@ class HybridULDLoss(_CrossTokenizerLoss):
         self.uld_weight = check_non_negative("uld_weight", uld_weight, max_value=1e6)
         self.teacher_ids = None if teacher_ids is None else _check_ids("teacher_ids", teacher_ids)
         self.student_ids = None if student_ids is None else _check_ids("student_ids", student_ids)
-        if self.teacher_ids is not None and len(self.teacher_ids) != len(self.student_ids):
+        if (
+            self.teacher_ids is not None
+            and self.student_ids is not None
+            and len(self.teacher_ids) != len(self.student_ids)
+        ):
             raise ValueError(
                 f"`teacher_ids` and `student_ids` must pair up one to one, got "
                 f"{len(self.teacher_ids)} and {len(self.student_ids)} ids."
@@ -489,11 +378,9 @@ class HybridULDLoss(_CrossTokenizerLoss):
         self._index_cache = (key, index)
         return index
 
-    def per_position(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+    def divergence(self, student_log_probs: Tensor, teacher: Any, labels: Tensor | None) -> Tensor:
         """``kl_weight · T² · kl + uld_weight · uld`` (``hybrid_uld_terms``) at each position."""
-        index = self.shared_index(
-            teacher_log_probs.shape[-1], student_log_probs.shape[-1], student_log_probs.device
-        )
-        kl, uld = hybrid_uld_terms(student_log_probs, teacher_log_probs, index)
+        index = self.shared_index(teacher.shape[-1], student_log_probs.shape[-1], teacher.device)
+        kl, uld = hybrid_uld_terms(student_log_probs, teacher, index)
         loss = kl * (self.kl_weight * self.temperature**2)
         return loss if index.covers_both else loss + self.uld_weight * uld

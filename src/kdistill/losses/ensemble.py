@@ -8,8 +8,9 @@
 - ``combine="losses"``: the weighted mean of the per-teacher Hinton KD losses, i.e. the sum of
   one ``LogitsDistillationLoss`` term per teacher with normalized weights.
 
-Original implementation (no reference code copied); the per-position divergence is the shared
-``kdistill.losses._divergences.forward_kl``, the masking and reduction ``kdistill.losses._utils``.
+Original implementation (no reference code copied). A ``LogitDivergenceLoss`` whose teacher side
+is a tuple of teachers: the base class does the input handling, masking, reduction and T², and
+the per-position divergence is the shared ``kdistill.losses._divergences.forward_kl``.
 """
 
 import math
@@ -17,20 +18,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._recipes import LossRecipe
-from .._validation import MAX_SCALE, check_choice, check_float_list, check_int, check_positive
-from ._divergences import forward_kl, upcast
+from .._recipes import LossRecipe, ensemble_logit_inputs
+from .._validation import check_choice, check_float_list
+from ._divergences import forward_kl, tempered_log_probs
+from ._logit_loss import LogitDivergenceLoss
 from ._registry import register_loss
-from ._utils import (
-    check_logits_pair,
-    check_reduction,
-    extract_logits,
-    position_mask,
-    reduce_positions,
-)
 
 __all__ = ["COMBINE_MODES", "EnsembleLogitsDistillationLoss"]
 
@@ -38,16 +32,14 @@ COMBINE_MODES = ("probs", "losses")
 """How ``EnsembleLogitsDistillationLoss`` combines the teachers."""
 
 
-def _scaled_log_probs(logits: Tensor, temperature: float) -> Tensor:
-    """``log_softmax(logits / T)`` over the last axis, in float32 (float64 stays float64)."""
-    return F.log_softmax(upcast(logits) / temperature, dim=-1)
-
-
 @register_loss(
     "ensemble_logits_distillation",
-    recipe=LossRecipe(lambda: EnsembleLogitsDistillationLoss(temperature=2.0)),
+    recipe=LossRecipe(
+        lambda: EnsembleLogitsDistillationLoss(temperature=2.0, weights=[0.7, 0.3]),
+        ensemble_logit_inputs(num_teachers=2),
+    ),
 )
-class EnsembleLogitsDistillationLoss(nn.Module):
+class EnsembleLogitsDistillationLoss(LogitDivergenceLoss):
     """Hinton KD from K teachers: a mixture of their distributions, or a mean of their losses.
 
     With the student's ``q = softmax(s/T)``, teacher ``k``'s ``p_k = softmax(t_k/T)`` and the
@@ -96,6 +88,9 @@ class EnsembleLogitsDistillationLoss(nn.Module):
         True
     """
 
+    # the teacher side is a tuple of K teachers, not the dense log-probs the chunked loss has
+    lm_head_divergence = False
+
     def __init__(
         self,
         temperature: float = 1.0,
@@ -104,8 +99,7 @@ class EnsembleLogitsDistillationLoss(nn.Module):
         reduction: str = "batchmean",
         ignore_index: int | None = None,
     ) -> None:
-        super().__init__()
-        self.temperature = check_positive("temperature", temperature, max_value=MAX_SCALE)
+        super().__init__(temperature, reduction, ignore_index)
         self.weights: list[float] | None = None
         self._normalized: list[float] | None = None
         if weights is not None:
@@ -118,10 +112,6 @@ class EnsembleLogitsDistillationLoss(nn.Module):
                 )
             self._normalized = [w / total for w in self.weights]
         self.combine = check_choice("combine", combine, COMBINE_MODES)
-        self.reduction = check_reduction(reduction)
-        self.ignore_index = (
-            None if ignore_index is None else check_int("ignore_index", ignore_index)
-        )
 
     def extra_repr(self) -> str:
         """Show the arguments."""
@@ -130,8 +120,19 @@ class EnsembleLogitsDistillationLoss(nn.Module):
             f"reduction={self.reduction!r}"
         )
 
-    def _teacher_logits(self, teacher_logits: Any, student_logits: Tensor) -> list[Tensor]:
-        """The K detached teacher logits ``[..., C]``, each checked against the student's."""
+    def teacher_distribution(
+        self, teacher_logits: Any, student_logits: Tensor
+    ) -> list[tuple[float, Tensor]]:
+        """``(w_k, log_softmax(t_k / T))`` for the teachers of weight > 0 (all are checked).
+
+        Args:
+            teacher_logits: A tuple/list of K teacher outputs, or one output (K = 1).
+            student_logits: ``[..., C]``, to check each teacher against.
+
+        Raises:
+            ValueError: No teacher, a weight count that is not K, or a teacher whose shape does
+                not pair with the student's (the message names the teacher and both sizes).
+        """
         outputs = list(teacher_logits) if isinstance(teacher_logits, tuple | list) else None
         if outputs is None:
             outputs = [teacher_logits]
@@ -148,50 +149,23 @@ class EnsembleLogitsDistillationLoss(nn.Module):
             )
         teachers = []
         for k, output in enumerate(outputs):
-            teacher = extract_logits(output, f"teacher {k}").detach()
             try:
-                check_logits_pair(student_logits, teacher)
+                teachers.append(self.dense_teacher(output, student_logits, f"teacher {k}"))
             except ValueError as err:
                 raise ValueError(f"Teacher output {k} of {len(outputs)}: {err}") from None
-            teachers.append(teacher)
-        return teachers
-
-    def forward(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Any,
-        *,
-        labels: Tensor | None = None,
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        """Compute the loss.
-
-        Args:
-            student_logits: ``[..., C]`` (or a model output holding logits).
-            teacher_logits: A tuple/list of K teacher outputs, each ``[..., C]`` like the
-                student's (or a model output holding logits); a single one counts as K = 1.
-                Detached here.
-            labels: ``[...]`` integer labels, used only with ``ignore_index``.
-            mask: ``[...]`` bool, True keeps a position.
-
-        Returns:
-            A scalar, or ``[...]`` with ``reduction="none"``.
-
-        Raises:
-            ValueError: Class counts or shapes that differ from the student's (naming both), a
-                weight count that differs from the number of teachers, no teacher at all.
-        """
-        student_logits = extract_logits(student_logits, "student")
-        teachers = self._teacher_logits(teacher_logits, student_logits)
         weights = self._normalized or [1.0 / len(teachers)] * len(teachers)
-        keep = position_mask(student_logits.shape[:-1], mask, labels, self.ignore_index)
-        student_log_probs = _scaled_log_probs(student_logits, self.temperature)
-        dtype = student_log_probs.dtype
-        used = [
-            (w, _scaled_log_probs(t, self.temperature).to(dtype))
+        return [
+            (w, tempered_log_probs(t, self.temperature))
             for w, t in zip(weights, teachers, strict=True)
             if w > 0
         ]
+
+    def divergence(self, student_log_probs: Tensor, teacher: Any, labels: Tensor | None) -> Tensor:
+        """The mixture's (``"probs"``) or the weighted per-teacher (``"losses"``) forward KL.
+
+        ``teacher`` is the list of ``(w_k, log-probs [..., C])`` of ``teacher_distribution``.
+        """
+        used = [(w, log_probs.to(student_log_probs.dtype)) for w, log_probs in teacher]
         if self.combine == "probs":
             if len(used) == 1:
                 mixture = used[0][1]
@@ -199,11 +173,8 @@ class EnsembleLogitsDistillationLoss(nn.Module):
                 mixture = torch.logsumexp(
                     torch.stack([log_probs + math.log(w) for w, log_probs in used]), dim=0
                 )
-            per_position = forward_kl(student_log_probs, mixture)
-        else:
-            per_position = used[0][0] * forward_kl(student_log_probs, used[0][1])
-            for w, log_probs in used[1:]:
-                per_position = per_position + w * forward_kl(student_log_probs, log_probs)
-        loss = reduce_positions(per_position, self.reduction, student_logits.shape[-1], keep)
-        # T² after the reduction (it is linear), as in LogitsDistillationLoss
-        return loss * self.temperature**2 if self.temperature != 1.0 else loss
+            return forward_kl(student_log_probs, mixture)
+        per_position = used[0][0] * forward_kl(student_log_probs, used[0][1])
+        for w, log_probs in used[1:]:
+            per_position = per_position + w * forward_kl(student_log_probs, log_probs)
+        return per_position

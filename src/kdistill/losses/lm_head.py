@@ -13,19 +13,14 @@ is kdistill's own. The divergence is named like the plain losses of the registry
 """
 
 import inspect
-import numbers
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._errors import unknown_name_message
 from .._recipes import LossRecipe
 from .._validation import MAX_SCALE, check_bool, check_choice, check_int, check_positive
-from ._divergences import tempered_log_probs, upcast
+from ._chunked import ChunkSpec, LMHeadLossBase, chunked_divergence, token_weights
 from ._logit_loss import LogitDivergenceLoss
 from ._registry import get_loss, list_losses, register_loss
 from ._utils import extract_logits, position_mask
@@ -54,31 +49,16 @@ _MIN_CHUNK_TOKENS = 256
 _LOGITS_PER_CHUNK = 2**23
 _MIN_SUB_CHUNK_TOKENS = 8
 _LOGITS_PER_SUB_CHUNK = 2**21
-# Marks a weight gradient already handed to autograd by ``backward``.
-_CONSUMED: Any = object()
-
-
-def _check_head(head: Any, role: str) -> None:
-    weight = getattr(head, "weight", None)
-    if not isinstance(head, nn.Module) or not isinstance(weight, Tensor) or weight.ndim != 2:
-        raise TypeError(
-            f"`{role}_lm_head` must be an nn.Module with a 2-D `weight` [V, D] (e.g. nn.Linear), "
-            f"got {type(head).__name__}."
-        )
-    bias = getattr(head, "bias", None)
-    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != weight.shape[:1]):
-        raise TypeError(
-            f"`{role}_lm_head.bias` must be None or a tensor of shape [{weight.shape[0]}], got "
-            f"{getattr(bias, 'shape', type(bias).__name__)}."
-        )
 
 
 def _divergence_names() -> list[str]:
-    """Registered losses usable as a divergence: the ``LogitDivergenceLoss`` subclasses."""
+    """Registered losses usable as a divergence: ``LogitDivergenceLoss``es on dense teachers."""
     return [
         name
         for name in list_losses()
-        if isinstance(cls := get_loss(name), type) and issubclass(cls, LogitDivergenceLoss)
+        if isinstance(cls := get_loss(name), type)
+        and issubclass(cls, LogitDivergenceLoss)
+        and cls.lm_head_divergence
     ]
 
 
@@ -106,202 +86,12 @@ def _build_divergence(
     return canonical, divergence_loss
 
 
-@dataclass(frozen=True)
-class _ChunkSpec:
-    """Everything the autograd function needs besides tensors."""
-
-    # per-token divergence (student_log_probs [c, V_s], teacher_log_probs [c, V_t], labels [c])
-    divergence: Callable[[Tensor, Tensor, Tensor | None], Tensor]
-    temperature: float
-    chunk_size: int
-    sub_chunk_size: int
-    student_vocab: int  # V_s used (after vocab alignment)
-    teacher_vocab: int  # V_t used (equal to V_s unless the divergence compares vocabularies)
-    ignore_index: int
-    need_grad_hidden: bool
-    need_grad_weight: bool
-    need_grad_bias: bool
-    ce_grad: bool = True  # False: the cross-entropy is a value only (logged, not trained)
-
-
-def _linear(hidden: Tensor, weight: Tensor | None, bias: Tensor | None, vocab_size: int) -> Tensor:
-    """``hidden @ weight[:V].T + bias[:V]`` in the inputs' dtype: ``[c, D] -> [c, V]``.
-
-    Without a weight (no lm_heads bound) the inputs already are logits: ``[c, ≥V] -> [c, V]``.
-    """
-    if weight is None:
-        return hidden[:, :vocab_size]
-    return F.linear(hidden, weight[:vocab_size], None if bias is None else bias[:vocab_size])
-
-
-class _ChunkedLMHeadDistillation(torch.autograd.Function):
-    """Weighted token sums of the divergence (and optionally CE), gradients computed in forward.
-
-    Inputs are flattened: hidden ``[N, D_s]``/``[N, D_t]``, per-token weights ``[N]`` (mask,
-    normalization and T² folded in), CE targets ``[N]`` and CE weights ``[N]`` (or None), and the
-    divergence's labels ``[N]`` (or None). Returns the two scalars ``(kd, ce)``; ``ce`` is 0 when
-    no CE targets are given.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        hidden_s: Tensor,
-        weight_s: Tensor | None,
-        bias_s: Tensor | None,
-        hidden_t: Tensor,
-        weight_t: Tensor | None,
-        bias_t: Tensor | None,
-        kd_weights: Tensor,
-        ce_targets: Tensor | None,
-        ce_weights: Tensor | None,
-        divergence_labels: Tensor | None,
-        spec: _ChunkSpec,
-    ) -> tuple[Tensor, Tensor]:
-        n, vocab = hidden_s.shape[0], spec.student_vocab
-        with_ce = ce_targets is not None
-        acc_dtype = upcast(hidden_s[:0]).dtype
-        keys = ("kd", "ce") if with_ce else ("kd",)
-        grad_keys = keys if spec.ce_grad else ("kd",)
-        # one set of gradient buffers per output, combined with the output grads in backward
-        grads: dict[str, list[Tensor | None]] = {}
-        for key in grad_keys:
-            grads[key] = [
-                torch.zeros_like(hidden_s) if spec.need_grad_hidden else None,
-                # float32 accumulators: many chunks are summed, low precision would lose them
-                torch.zeros_like(weight_s, dtype=acc_dtype) if spec.need_grad_weight else None,
-                torch.zeros_like(bias_s, dtype=acc_dtype) if spec.need_grad_bias else None,
-            ]
-        totals = {key: hidden_s.new_zeros((), dtype=acc_dtype) for key in keys}
-        needs_any_grad = spec.need_grad_hidden or spec.need_grad_weight or spec.need_grad_bias
-        for start in range(0, n, spec.chunk_size):
-            rows = slice(start, min(start + spec.chunk_size, n))
-            h_s = hidden_s[rows]  # [c, D_s]
-            logits_t = _linear(hidden_t[rows], weight_t, bias_t, spec.teacher_vocab)  # [c, V_t]
-            logits_s = _linear(h_s, weight_s, bias_s, vocab)  # [c, V_s]
-            # [c, V] gradients of each output w.r.t. the logits; the KD one reuses the student
-            # logits' memory when it can (each row is read before it is overwritten)
-            grad_logits = {}
-            if needs_any_grad:
-                reuse = weight_s is not None and logits_s.dtype == acc_dtype
-                for key in grad_keys:
-                    grad_logits[key] = (
-                        logits_s
-                        if key == "kd" and reuse
-                        else torch.empty_like(logits_s, dtype=acc_dtype)
-                    )
-            # the divergence (and its gradient) on sub-chunks: its float32 temporaries stay small
-            for sub_start in range(0, rows.stop - rows.start, spec.sub_chunk_size):
-                sub = slice(sub_start, min(sub_start + spec.sub_chunk_size, rows.stop - rows.start))
-                token_rows = slice(rows.start + sub.start, rows.start + sub.stop)
-                values = _sub_chunk(
-                    logits_s[sub],
-                    logits_t[sub],
-                    kd_weights[token_rows],
-                    None if ce_targets is None else ce_targets[token_rows],
-                    None if ce_weights is None else ce_weights[token_rows],
-                    None if divergence_labels is None else divergence_labels[token_rows],
-                    spec,
-                    acc_dtype,
-                    needs_any_grad,
-                )
-                for key, (value, grad) in values.items():
-                    totals[key] += value
-                    if grad is not None:
-                        grad_logits[key][sub] = grad
-            del logits_t
-            for key, grad in grad_logits.items():
-                grad_hidden, grad_weight, grad_bias = grads[key]
-                if grad_hidden is not None and weight_s is None:  # the inputs were logits
-                    grad_hidden[rows, :vocab] = grad
-                elif grad_hidden is not None:  # [c, V] @ [V, D_s]
-                    grad_hidden[rows] = grad.to(weight_s.dtype) @ weight_s[:vocab]
-                if grad_weight is not None:  # [V, c] @ [c, D_s], accumulated in float32
-                    grad_weight[:vocab].addmm_(grad.t(), h_s.to(acc_dtype))
-                if grad_bias is not None:
-                    grad_bias[:vocab] += grad.sum(0)
-            del logits_s, grad_logits
-        ctx.grads = grads
-        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight_s, bias_s))
-        return totals["kd"], totals.get("ce", totals["kd"].new_zeros(()))
-
-    @staticmethod
-    def backward(ctx: Any, grad_kd: Tensor, grad_ce: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        outputs: list[Tensor | None] = [None, None, None]
-        for key, grad_output in (("kd", grad_kd), ("ce", grad_ce)):
-            if key not in ctx.grads:
-                continue
-            # the usual upstream gradient is exactly 1 (loss.backward()): skip a multiply then
-            is_one = bool(grad_output == 1)
-            for i, grad in enumerate(ctx.grads[key]):
-                if i > 0 and grad is not None:
-                    # the [V, D] weight gradient (and the bias's) is handed over, not copied:
-                    # autograd may then store it as `.grad` without a second [V, D] buffer
-                    ctx.grads[key][i] = _CONSUMED
-                if grad is None:
-                    continue
-                if grad is _CONSUMED:
-                    raise RuntimeError(
-                        "LMHeadDistillationLoss hands its lm_head weight gradient to autograd "
-                        "without a copy, so it cannot back-propagate twice through one forward "
-                        "(retain_graph=True) while the student lm_head requires grad. Run the "
-                        "forward again."
-                    )
-                if not is_one:
-                    grad = grad.mul_(grad_output) if i > 0 else grad * grad_output
-                outputs[i] = grad if outputs[i] is None else outputs[i] + grad
-        grad_hidden, grad_weight, grad_bias = outputs
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight_dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
-
-
-def _sub_chunk(
-    logits_s: Tensor,
-    logits_t: Tensor,
-    kd_weights: Tensor,
-    ce_targets: Tensor | None,
-    ce_weights: Tensor | None,
-    divergence_labels: Tensor | None,
-    spec: _ChunkSpec,
-    acc_dtype: torch.dtype,
-    needs_grad: bool,
-) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """Weighted sums over ``[c', V]`` logits and their gradients w.r.t. the student logits."""
-    teacher_log_probs = tempered_log_probs(logits_t, spec.temperature)
-    # a leaf copy in float32, so autograd stops here (and the caller may overwrite the input)
-    logits = logits_s.to(acc_dtype, copy=True).requires_grad_(needs_grad)
-    with torch.enable_grad():
-        per_token = spec.divergence(
-            tempered_log_probs(logits, spec.temperature), teacher_log_probs, divergence_labels
-        )
-        losses = {"kd": (per_token * kd_weights).sum()}
-        if ce_targets is not None:
-            ce_logits = logits if spec.ce_grad else logits.detach()
-            per_token_ce = F.cross_entropy(
-                ce_logits, ce_targets, ignore_index=spec.ignore_index, reduction="none"
-            )
-            losses["ce"] = (per_token_ce * ce_weights).sum()
-    differentiated = [key for key in losses if key == "kd" or spec.ce_grad]
-    result = {}
-    for key, value in losses.items():
-        grad = None
-        if needs_grad and key in differentiated:
-            retain = key != differentiated[-1]
-            (grad,) = torch.autograd.grad(value, logits, retain_graph=retain)
-        result[key] = (value.detach(), grad)
-    return result
-
-
 @register_loss(
     "lm_head_distillation",
     # unbound (no lm_heads), the inputs are logits: the contract tests it as a logit loss
     recipe=LossRecipe(lambda: LMHeadDistillationLoss(temperature=2.0, chunk_size=2)),
 )
-class LMHeadDistillationLoss(nn.Module):
+class LMHeadDistillationLoss(LMHeadLossBase):
     """Logit distillation from final hidden states, chunked so that ``[B, T, V]`` never exists.
 
     For every kept token position ``i`` it computes ``T² · D(softmax(t_i/T), softmax(s_i/T))`` with
@@ -431,15 +221,7 @@ class LMHeadDistillationLoss(nn.Module):
         self.vocab_alignment = check_choice("vocab_alignment", vocab_alignment, VOCAB_ALIGNMENTS)
         self.shift_labels = check_bool("shift_labels", shift_labels)
         self.compute_student_loss = check_bool("compute_student_loss", compute_student_loss)
-        # a tuple is not registered by nn.Module: the heads stay out of parameters()/state_dict()
-        self._lm_heads: tuple[nn.Module, nn.Module] | None = None
-        if (student_lm_head is None) != (teacher_lm_head is None):
-            raise ValueError(
-                "Give both `student_lm_head` and `teacher_lm_head`, or neither (the inputs are "
-                "then logits)."
-            )
-        if student_lm_head is not None:
-            self.bind_lm_heads_(student_lm_head, teacher_lm_head)
+        self._bind_given_heads(student_lm_head, teacher_lm_head)
 
     # ------------------------------------------------------------------ configuration
     @staticmethod
@@ -473,27 +255,9 @@ class LMHeadDistillationLoss(nn.Module):
         """The configuration, shown by ``repr``."""
         return ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
 
-    def bind_lm_heads_(self, student_lm_head: nn.Module, teacher_lm_head: nn.Module) -> None:
-        """Set the lm_heads (in place), checking them and their vocabulary sizes.
-
-        Raises:
-            TypeError: A head has no 2-D ``weight``.
-            ValueError: The vocabulary sizes differ and ``vocab_alignment="error"``.
-        """
-        _check_head(student_lm_head, "student")
-        _check_head(teacher_lm_head, "teacher")
-        self._vocab_sizes(student_lm_head.weight.shape[0], teacher_lm_head.weight.shape[0])
-        self._lm_heads = (student_lm_head, teacher_lm_head)
-
-    @property
-    def student_lm_head(self) -> nn.Module | None:
-        """The student's lm_head (not a registered submodule), or None when unbound."""
-        return None if self._lm_heads is None else self._lm_heads[0]
-
-    @property
-    def teacher_lm_head(self) -> nn.Module | None:
-        """The teacher's lm_head (not a registered submodule), or None when unbound."""
-        return None if self._lm_heads is None else self._lm_heads[1]
+    def _check_vocab_sizes(self, student_vocab: int, teacher_vocab: int) -> None:
+        """Raise ``ValueError`` when the sizes differ and ``vocab_alignment="error"``."""
+        self._vocab_sizes(student_vocab, teacher_vocab)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -547,16 +311,19 @@ class LMHeadDistillationLoss(nn.Module):
             raise ValueError(f"LMHeadDistillationLoss needs `labels` for {why}.")
         hidden_s = extract_logits(student_hidden, "student")
         hidden_t = extract_logits(teacher_hidden, "teacher").detach()
-        weight_s = bias_s = weight_t = bias_t = None
-        if self._lm_heads is not None:
-            student_head, teacher_head = self._lm_heads
-            weight_s, bias_s = student_head.weight, getattr(student_head, "bias", None)
-            weight_t, bias_t = teacher_head.weight.detach(), getattr(teacher_head, "bias", None)
-            bias_t = None if bias_t is None else bias_t.detach()
-            vocab_s, vocab_t = self._vocab_sizes(weight_s.shape[0], weight_t.shape[0])
-        else:
-            vocab_s, vocab_t = self._vocab_sizes(hidden_s.shape[-1], hidden_t.shape[-1])
-        self._check_shapes(hidden_s, hidden_t, weight_s, weight_t)
+        heads = self._head_tensors()
+        weight_s, _, weight_t, _ = heads
+        vocab_s, vocab_t = self._vocab_sizes(
+            hidden_s.shape[-1] if weight_s is None else weight_s.shape[0],
+            hidden_t.shape[-1] if weight_t is None else weight_t.shape[0],
+        )
+        self._check_hidden("student", hidden_s, weight_s)
+        self._check_hidden("teacher", hidden_t, weight_t)
+        if hidden_s.shape[:-1] != hidden_t.shape[:-1]:
+            raise ValueError(
+                f"Student inputs {tuple(hidden_s.shape)} and teacher inputs "
+                f"{tuple(hidden_t.shape)} differ in their leading (batch/token) dimensions."
+            )
         if labels is not None and self.shift_labels:
             if hidden_s.ndim < 3:
                 raise ValueError(
@@ -568,22 +335,13 @@ class LMHeadDistillationLoss(nn.Module):
             mask = None if mask is None else mask[..., :-1]
         positions = hidden_s.shape[:-1]
         keep = position_mask(positions, mask, labels, self.ignore_index)
-        weights = self._token_weights(keep, positions, hidden_s.device, num_items_in_batch)
-        flat_s = hidden_s.reshape(-1, hidden_s.shape[-1])  # [N, D_s]
-        flat_t = hidden_t.reshape(-1, hidden_t.shape[-1])  # [N, D_t]
+        weights = token_weights(keep, positions, hidden_s.device, num_items_in_batch)  # [N]
         flat_labels = None if labels is None else labels.reshape(-1)  # [N]
-        if keep is not None:
-            # dropped positions (weight 0: prompts, padding) cost no lm_head projection: keep
-            # only the kept rows (one host sync for their count)
-            rows = keep.reshape(-1).nonzero().squeeze(1)
-            flat_s, flat_t, weights = flat_s[rows], flat_t[rows], weights[rows]
-            flat_labels = None if flat_labels is None else flat_labels[rows]
         divergence_labels = None
         if self._divergence_needs_labels and flat_labels is not None:
             # dropped positions get class 0: their weight is 0, any valid class will do
             divergence_labels = flat_labels.masked_fill(flat_labels == self.ignore_index, 0)
-        grad_on = torch.is_grad_enabled()
-        spec = _ChunkSpec(
+        spec = ChunkSpec(
             divergence=self._divergence_fn,
             temperature=self.temperature,
             chunk_size=self.chunk_size or max(_MIN_CHUNK_TOKENS, _LOGITS_PER_CHUNK // vocab_s),
@@ -591,23 +349,19 @@ class LMHeadDistillationLoss(nn.Module):
             student_vocab=vocab_s,
             teacher_vocab=vocab_t,
             ignore_index=self.ignore_index,
-            need_grad_hidden=grad_on and hidden_s.requires_grad,
-            need_grad_weight=grad_on and weight_s is not None and weight_s.requires_grad,
-            need_grad_bias=grad_on and bias_s is not None and bias_s.requires_grad,
             ce_grad=student_loss_grad,
         )
-        kd, ce = _ChunkedLMHeadDistillation.apply(
-            flat_s,
-            weight_s,
-            bias_s,
-            flat_t,
-            weight_t,
-            bias_t,
+        # dropped positions (weight 0: prompts, padding) cost no lm_head projection
+        kd, ce = chunked_divergence(
+            hidden_s,
+            hidden_t,
+            heads,
             weights * self.temperature**2,
-            flat_labels if return_student_loss else None,
-            weights if return_student_loss else None,
-            divergence_labels,
             spec,
+            ce_targets=flat_labels if return_student_loss else None,
+            ce_weights=weights if return_student_loss else None,
+            divergence_labels=divergence_labels,
+            keep=keep,
         )
         return (kd, ce) if return_student_loss else kd
 
@@ -624,65 +378,3 @@ class LMHeadDistillationLoss(nn.Module):
             )
         common = min(student_vocab, teacher_vocab)
         return common, common
-
-    def _check_shapes(
-        self,
-        hidden_s: Tensor,
-        hidden_t: Tensor,
-        weight_s: Tensor | None,
-        weight_t: Tensor | None,
-    ) -> None:
-        for role, hidden, weight in (
-            ("student", hidden_s, weight_s),
-            ("teacher", hidden_t, weight_t),
-        ):
-            if hidden.ndim < 2:
-                raise ValueError(
-                    f"{role} inputs must be [..., D] with at least one token axis, got shape "
-                    f"{tuple(hidden.shape)}."
-                )
-            if weight is not None and hidden.shape[-1] != weight.shape[1]:
-                raise ValueError(
-                    f"{role} hidden states of shape {tuple(hidden.shape)} do not fit the {role} "
-                    f"lm_head weight {tuple(weight.shape)}: expected [..., {weight.shape[1]}]. "
-                    "Pass the final hidden states (after the final norm), not logits."
-                )
-        if hidden_s.shape[:-1] != hidden_t.shape[:-1]:
-            raise ValueError(
-                f"Student inputs {tuple(hidden_s.shape)} and teacher inputs "
-                f"{tuple(hidden_t.shape)} differ in their leading (batch/token) dimensions."
-            )
-
-    def _token_weights(
-        self,
-        keep: Tensor | None,
-        positions: torch.Size,
-        device: torch.device,
-        num_items_in_batch: int | Tensor | None,
-    ) -> Tensor:
-        """Per-token weights ``[N]``: ``keep / count`` (count as in ``reduce_positions``)."""
-        kept = torch.ones(positions, device=device) if keep is None else keep.float()
-        if num_items_in_batch is None:
-            count = kept.sum().clamp(min=1)
-        else:
-            count = _check_num_items(num_items_in_batch).to(device=device, dtype=torch.float32)
-        return (kept / count).reshape(-1)
-
-
-def _check_num_items(value: Any) -> Tensor:
-    """``num_items_in_batch`` as a tensor, checked: a real number (not a bool), finite, > 0."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
-            raise TypeError(
-                f"`num_items_in_batch` must be a number or a one-element real tensor, got a "
-                f"{value.dtype} tensor of shape {tuple(value.shape)}."
-            )
-        # one host read per call (it syncs an accelerator): a count of 0 would silently give inf
-        check_positive("num_items_in_batch", value.item())
-        return value.reshape(())
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(
-            f"`num_items_in_batch` must be a number, a one-element tensor or None, got "
-            f"{type(value).__name__} {value!r}."
-        )
-    return torch.tensor(check_positive("num_items_in_batch", value))

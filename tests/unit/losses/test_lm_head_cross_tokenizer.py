@@ -267,3 +267,16 @@ def test_no_full_logits_are_materialized(divergence):
 def test_errors(call, error, match):
     with pytest.raises(error, match=match):
         call(nn.Linear(D_S, V_S))
+
+
+def test_num_items_in_batch_is_checked_like_the_chunked_kd_loss():
+    # one validation for both chunked losses: a real number or one-element tensor, > 0
+    student_head, teacher_head, hidden_s, hidden_t, alignment = setup()
+    chunked = chunked_loss("uld", student_head, teacher_head, chunk_size=4)
+    by_int = chunked(hidden_s, hidden_t, alignment=alignment, num_items_in_batch=6)
+    by_float = chunked(hidden_s, hidden_t, alignment=alignment, num_items_in_batch=6.0)
+    torch.testing.assert_close(by_float, by_int)
+    with pytest.raises(ValueError, match="`num_items_in_batch` must be a finite number > 0"):
+        chunked(hidden_s, hidden_t, alignment=alignment, num_items_in_batch=torch.tensor(0))
+    with pytest.raises(TypeError, match="`num_items_in_batch` must be a number"):
+        chunked(hidden_s, hidden_t, alignment=alignment, num_items_in_batch=True)

@@ -168,3 +168,46 @@ def test_constructors_refuse_bad_arguments_naming_them(make, error, match):
 def test_set_student_loss_reduction_fn_needs_a_callable():
     with pytest.raises(TypeError, match="`fn` must be a callable or None"):
         mtd.StaticLossBalancer().set_student_loss_reduction_fn("mean")
+
+
+# ------------------------------------------------------------------ one base for every logit loss
+@pytest.mark.parametrize(
+    "cls",
+    [mtd.EnsembleLogitsDistillationLoss, mtd.ULDLoss, mtd.HybridULDLoss],
+    ids=["ensemble", "uld", "hybrid_uld"],
+)
+def test_ensemble_and_cross_tokenizer_losses_share_the_base(cls):
+    assert issubclass(cls, LogitDivergenceLoss)
+    # they are not dense-teacher divergences: the chunked loss refuses them by name
+    name = mtd.losses._registry.LOSSES.name_of(cls)
+    assert name not in mtd.LMHeadDistillationLoss.available_divergences()
+    with pytest.raises(ValueError, match=f"Unknown `divergence` '{name}'"):
+        mtd.LMHeadDistillationLoss(divergence=name)
+
+
+def test_reductions_are_declared_per_class():
+    assert mtd.LogitsDistillationLoss(reduction="mean").reduction == "mean"
+    with pytest.raises(
+        ValueError, match=r"`reduction` must be one of \['batchmean', 'none', 'sum'"
+    ):
+        mtd.ULDLoss(reduction="mean")
+
+
+def test_reduce_divergence_is_the_second_half_of_forward():
+    student, teacher = torch.randn(4, 3, 7), torch.randn(4, 3, 7)
+    keep = torch.rand(4, 3) > 0.4
+    loss = mtd.JSDLoss(beta=0.3, temperature=2.0)
+    half = loss.reduce_divergence(student, loss.teacher_distribution(teacher, student), None, keep)
+    torch.testing.assert_close(half, loss(student, teacher, mask=keep))
+
+
+def test_dense_teacher_names_the_role_and_detaches_only_what_has_a_graph():
+    student = torch.randn(3, 4)
+    loss = mtd.LogitsDistillationLoss()
+    teacher = torch.randn(3, 4)
+    assert loss.dense_teacher(teacher, student) is teacher  # no graph: nothing to cut
+    with_graph = torch.randn(3, 4, requires_grad=True) * 2
+    got = loss.dense_teacher(with_graph, student)
+    assert not got.requires_grad and got.data_ptr() == with_graph.data_ptr()
+    with pytest.raises(TypeError, match="Cannot find teacher 1 logits"):
+        loss.dense_teacher(object(), student, "teacher 1")

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 import kdistill as mtd
-from kdistill import balancers, list_balancers, list_losses
+from kdistill import list_balancers, list_losses
 from kdistill.balancers import BALANCERS, get_balancer_recipe
 from kdistill.losses import _registry as loss_registry
 from kdistill.testing import (
@@ -113,10 +113,9 @@ class _L1Loss(nn.Module):
 @pytest.fixture
 def scratch_registry(monkeypatch):
     """Register test-only losses and balancers without leaking them into other tests."""
-    monkeypatch.setattr(loss_registry.LOSSES, "_by_name", dict(loss_registry.LOSSES._by_name))
-    monkeypatch.setattr(loss_registry, "_RECIPES", dict(loss_registry._RECIPES))
-    monkeypatch.setattr(BALANCERS, "_by_name", dict(BALANCERS._by_name))
-    monkeypatch.setattr(balancers, "_RECIPES", dict(balancers._RECIPES))
+    for registry in (loss_registry.LOSSES, BALANCERS):
+        monkeypatch.setattr(registry, "_by_name", dict(registry._by_name))
+        monkeypatch.setattr(registry, "_recipes", dict(registry._recipes))
 
 
 def test_a_loss_without_recipe_fails_with_a_clear_message(scratch_registry):
@@ -191,3 +190,33 @@ def test_balancer_decorator_and_missing_recipe(scratch_registry):
         BalancerContract("bare_static")
     with pytest.raises(TypeError, match="must subclass DistillationLossBalancer"):
         mtd.register_balancer("not_a_balancer")(_L1Loss)
+
+
+class _LeakySecondTeacher(nn.Module):
+    """A broken ensemble: the second teacher is not detached."""
+
+    def forward(self, student_logits: Tensor, teachers: tuple, *, mask=None) -> Tensor:
+        first, second = teachers
+        mixture = (first.detach().softmax(-1) + second.softmax(-1)) / 2
+        per_position = (mixture * (mixture.log() - student_logits.log_softmax(-1))).sum(-1)
+        return (per_position if mask is None else per_position[mask]).mean()
+
+
+def test_contract_checks_every_teacher_of_a_tuple():
+    recipe = LossRecipe(_LeakySecondTeacher, mtd.testing.ensemble_logit_inputs(2))
+    contract = LossContract("leaky_ensemble", recipe=recipe)
+    contract.run("zero_when_equal")  # every teacher equal to the student gives 0
+    contract.run("mask_drops_positions")
+    with pytest.raises(AssertionError, match="teacher input received a gradient"):
+        contract.run("teacher_gets_no_grad")
+
+
+def test_loss_inputs_map_every_teacher():
+    inputs = mtd.testing.ensemble_logit_inputs(3)(torch.Generator().manual_seed(0))
+    assert len(inputs.teachers) == 3
+    doubled = inputs.map(lambda s: s * 2, lambda t: t + 1)
+    torch.testing.assert_close(doubled.student, inputs.student * 2)
+    for got, teacher in zip(doubled.teachers, inputs.teachers, strict=True):
+        torch.testing.assert_close(got, teacher + 1)
+    single = mtd.testing.cross_vocab_logit_inputs(5, 8)(torch.Generator().manual_seed(0))
+    assert single.teachers == (single.teacher,) and single.teacher.shape[-1] == 8
