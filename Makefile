@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: test check demo demo-llm lint bench clean
+.PHONY: test check demo demo-llm demo-xtoken lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ $(VENV)/.demo-llm-installed: $(VENV)/.demo-installed
 
 demo-llm: $(VENV)/.demo-llm-installed
 	$(BIN)/kdistill demo llm
+
+demo-xtoken: $(VENV)/.demo-llm-installed
+	$(BIN)/kdistill demo xtoken
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check src tests benchmarks

