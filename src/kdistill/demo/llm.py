@@ -46,7 +46,7 @@ from kdistill._validation import check_int, check_positive, check_unit_interval
 from kdistill.cache import teacher_fingerprint
 
 from .progress import Progress
-from .report import summarize
+from .report import summarize, write_report_files
 
 __all__ = [
     "GGUF_FILE",
@@ -778,11 +778,4 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 def write_llm_report(report: dict[str, Any], output_dir: Path) -> tuple[Path, Path | None]:
     """Write ``report.json`` and (when matplotlib is installed) ``report.png``."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path = output_dir / "report.json"
-    json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    if importlib.util.find_spec("matplotlib") is None:
-        return json_path, None
-    png_path = output_dir / "report.png"
-    _plot(report, png_path)
-    return json_path, png_path
+    return write_report_files(report, output_dir, _plot)

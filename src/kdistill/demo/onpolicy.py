@@ -31,7 +31,6 @@ end of the text read.
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import platform
 import sys
@@ -53,7 +52,7 @@ from kdistill.onpolicy import OnPolicyDistiller, SamplingConfig, sample_completi
 
 from .llm import GGUF_FILE, LLMDemoConfig, build_student, load_or_build_topk_cache, perplexity
 from .progress import Progress
-from .report import summarize
+from .report import summarize, write_report_files
 
 __all__ = [
     "VARIANTS",
@@ -659,11 +658,4 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 def write_onpolicy_report(report: dict[str, Any], output_dir: Path) -> tuple[Path, Path | None]:
     """Write ``report.json`` and (when matplotlib is installed) ``report.png``."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path = output_dir / "report.json"
-    json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    if importlib.util.find_spec("matplotlib") is None:
-        return json_path, None
-    png_path = output_dir / "report.png"
-    _plot(report, png_path)
-    return json_path, png_path
+    return write_report_files(report, output_dir, _plot)

@@ -1,8 +1,10 @@
 """Demo reports: summary statistics, the results table, ``report.json`` and ``report.png``."""
 
+import importlib.util
 import json
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -13,6 +15,7 @@ __all__ = [
     "gap_closed_percent",
     "summarize",
     "write_report",
+    "write_report_files",
 ]
 
 # Hinton, Vinyals & Dean (2015), arXiv 1503.02531, §3: MNIST test errors (out of 10,000).
@@ -208,4 +211,27 @@ def write_report(report: dict[str, Any], output_dir: Path) -> tuple[Path, Path]:
     json_path, png_path = output_dir / "report.json", output_dir / "report.png"
     json_path.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
     _plot(report, png_path)
+    return json_path, png_path
+
+
+def write_report_files(
+    report: dict[str, Any], output_dir: Path, plot: Callable[[dict[str, Any], Path], None]
+) -> tuple[Path, Path | None]:
+    """Write ``report.json`` and, when matplotlib is installed, ``report.png`` drawn by ``plot``.
+
+    Args:
+        report: The JSON-able report (NaN and inf are written as ``null``).
+        output_dir: Created if needed.
+        plot: Draws the report into the PNG path it is given.
+
+    Returns:
+        The paths of the JSON report and of the plot (``None`` without matplotlib).
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / "report.json"
+    json_path.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    if importlib.util.find_spec("matplotlib") is None:
+        return json_path, None
+    png_path = output_dir / "report.png"
+    plot(report, png_path)
     return json_path, png_path

@@ -32,7 +32,6 @@ validation slice (``kdistill demo xtoken --tune``, :func:`run_xtoken_tuning`; th
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import math
 import platform
@@ -56,7 +55,7 @@ from kdistill.xtoken import AlignedBatch, TokenAligner, TokenAlignment, train_bp
 
 from .llm import build_llama, load_or_build_topk_cache, peak_memory_mb, train_causal_lm
 from .progress import Progress
-from .report import summarize
+from .report import summarize, write_report_files
 from .selected import XTOKEN_SELECTED
 from .xtoken_losses import TopKCrossTokenizerLoss
 
@@ -908,11 +907,4 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 def write_xtoken_report(report: dict[str, Any], output_dir: Path) -> tuple[Path, Path | None]:
     """Write ``report.json`` and (when matplotlib is installed) ``report.png``."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path = output_dir / "report.json"
-    json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    if importlib.util.find_spec("matplotlib") is None:
-        return json_path, None
-    png_path = output_dir / "report.png"
-    _plot(report, png_path)
-    return json_path, png_path
+    return write_report_files(report, output_dir, _plot)
